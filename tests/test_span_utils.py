@@ -20,7 +20,7 @@ unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False, width=32)
 
 def _xx_spans(n_min=1, n_max=6):
     """Valid (start, end) spans with end - start >= 0.01 (avoids the 0/0 of two zero-length spans)."""
-    pair = st.tuples(unit, st.floats(min_value=0.01, max_value=1.0, width=32)).map(lambda p: [p[0], p[0] + p[1]])
+    pair = st.tuples(unit, st.floats(min_value=0.01, max_value=1.0)).map(lambda p: [p[0], p[0] + p[1]])
     return st.lists(pair, min_size=n_min, max_size=n_max).map(lambda v: torch.tensor(v, dtype=torch.float64))
 
 

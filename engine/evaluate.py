@@ -1,0 +1,509 @@
+"""Moment-retrieval / highlight-detection metrics: QVHighlights, Charades-STA, TACoS, TVSum (numpy only).
+
+Spec: ``shared/spec/evaluation.md``. Section numbers below refer to it.
+
+* §1 input formats and the qid check: with ``match_number=True`` the submission's qid set must equal the
+  ground truth's, otherwise both sides are intersected. The MR block is computed only if the *first*
+  submission record has ``pred_relevant_windows``, the HL block only if it has ``pred_saliency_scores``.
+* §2.1 temporal IoU (true union, 0/0 -> 0; the R1 pair uses the hull, identical whenever it matters).
+* §2.2 length splits on GT window length: short (0, 10], middle (10, 30], long (30, 150], full = no filter.
+  Predictions are never filtered.
+* §2.3 MR-R1@t: the first listed window is the top-1 (no re-sorting); the best-IoU GT window (first on
+  ties); hit iff IoU >= t.
+* §2.4 MR-mAP@t: first 10 listed windows, stable sort by score, greedy one-to-one matching per threshold,
+  VOC-2011 all-point interpolated AP per query; mean over queries (queries with no window are dropped),
+  ``average`` = mean over the 10 thresholds 0.50:0.05:0.95.
+* §2.5 HL: ``int(duration / 2)`` clips, unlabeled clips score 0, "score >= 2/3/4" = Fair/Good/VeryGood per
+  annotator; predictions truncated / right-padded with 0.0; AP = mean interpolated precision over distinct
+  recall levels (ties grouped), 0 if no positive, 1 if all positive; HIT@1 = any annotator positive at the
+  arg-max clip. HL-mAP = mean over (query, annotator) pairs.
+* §2.6 output layout: ``"brief"`` first, then the other keys sorted; brief MR keys ASCII-sorted, HL keys in
+  Fair/Good/VeryGood x (mAP, Hit1) order.
+* §3 variants: ``variant="cgdetr"`` (CG-DETR ``standalone_eval/eval.py``) adds R1 at 0.30..0.45 (14
+  thresholds in all), ``MR-mIoU`` per split (mean top-1 paired IoU) and brief keys ``MR-full-R1@0.3``,
+  ``MR-full-mIoU``. Charades-STA / TACoS use that variant (MR only). TVSum: per (video, annotator) binarise
+  ``score > lower median``, rank clips by predicted saliency, top-5 trapezoid AP with recall normalised by
+  the positives inside the top 5; mean over annotators and videos per domain, then over domains.
+
+Rounding / averaging: every reported number is ``100 * value`` formatted with ``f"{x:.2f}"`` and converted
+back to float (so ``32.2``, not ``32.20``), applied only at the end of each metric; all averages are
+taken over unrounded values (brief values are copies of the rounded per-split values, as upstream).
+
+Departures from the upstream scripts (none changes a number on well-formed input):
+
+* Bad input raises ``ValueError`` naming the qid (duplicate qids, qid mismatch, malformed / non-finite
+  windows, ``start > end``, GT without windows, saliency length off by more than
+  ``SALIENCY_LEN_TOLERANCE`` clips) instead of an ``assert`` or a crash deep inside numpy.
+* A query whose ``pred_relevant_windows`` is empty counts as a miss (IoU 0) in R1 / mIoU (upstream crashes)
+  and, as upstream, is left out of the mAP mean. An empty split reports 0.0 everywhere (the official
+  script gives NaN; CG-DETR writes zeros).
+* GT windows with exactly equal IoU are visited in reverse index order (what upstream's
+  ``argsort()[::-1]`` does on small arrays); this never matters on QVHighlights (§2.4 step 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DATASETS", "VARIANTS", "load_jsonl", "save_json", "evaluate", "evaluate_qvhighlights",
+    "evaluate_charades_tacos", "evaluate_tvsum", "temporal_iou_cross", "mr_average_precision",
+    "hl_average_precision", "top_k_trapezoid_ap", "main",
+]
+
+VARIANTS = ("official", "cgdetr")
+DATASETS = ("qvhighlights", "charades", "tacos", "tvsum")
+
+
+def _thresholds(lo: float, n: int) -> tuple[float, ...]:
+    # linspace then 2-decimal rounding, exactly as upstream builds its threshold lists (§2)
+    return tuple(float(f"{t:.2f}") for t in np.linspace(lo, 0.95, n))
+
+
+MAP_THRESHOLDS = _thresholds(0.5, 10)  # 0.50 .. 0.95
+R1_THRESHOLDS = {"official": MAP_THRESHOLDS, "cgdetr": _thresholds(0.3, 14)}  # cgdetr: 0.30 .. 0.95
+MAX_PRED_WINDOWS = 10  # §2.4 step 1: part of the protocol
+LENGTH_RANGES = {"short": (0.0, 10.0), "middle": (10.0, 30.0), "long": (30.0, 150.0), "full": None}
+HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}  # binarise "score >= m"
+HL_CLIP_LENGTH = 2.0
+SALIENCY_LEN_TOLERANCE = 1  # upstream pads/truncates silently; val files are 1 short on 13 queries
+TVSUM_TOP_K = 5
+
+
+def _fmt(x: float) -> float:
+    """``100 * x`` rounded the official way: ``float(f"{100 * x:.2f}")``."""
+    return float(f"{100 * float(x):.2f}")
+
+
+def _few(items: Sequence[Any], n: int = 5) -> str:
+    head = ", ".join(repr(q) for q in list(items)[:n])
+    return f"[{head}{', ...' if len(items) > n else ''}]"
+
+
+# ----------------------------------------------------------------------------------------------- I/O
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file (blank lines skipped). Bad JSON raises ``ValueError`` naming the line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return records
+
+
+def save_json(obj: Any, path: str | os.PathLike, indent: int = 4) -> None:
+    """Write ``obj`` as JSON atomically: temp file in the same directory, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=indent))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------- input checking
+def _index_by_qid(records: Sequence[dict], what: str) -> dict:
+    if not isinstance(records, (list, tuple)):
+        raise ValueError(f"{what} must be a list of dicts, got {type(records).__name__}")
+    out: dict = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "qid" not in rec:
+            raise ValueError(f"{what} record {i} is not a dict with a 'qid' key: {str(rec)[:80]}")
+        qid = rec["qid"]
+        if qid in out:
+            raise ValueError(f"duplicate qid {qid!r} in {what} (records {out[qid][0]} and {i})")
+        out[qid] = (i, rec)
+    return {q: r for q, (_, r) in out.items()}
+
+
+def _match_qids(submission, ground_truth, match_number: bool) -> tuple[dict, dict, list]:
+    """Index both sides by qid and apply the §1 qid check. Returns (sub, gt, qids in submission order)."""
+    sub = _index_by_qid(submission, "submission")
+    gt = _index_by_qid(ground_truth, "ground truth")
+    missing = [q for q in gt if q not in sub]
+    extra = [q for q in sub if q not in gt]
+    if match_number and (missing or extra):
+        raise ValueError(
+            f"submission and ground truth qids differ: {len(missing)} qid(s) missing from the submission "
+            f"{_few(missing)}, {len(extra)} extra qid(s) not in the ground truth {_few(extra)} "
+            f"(use match_number=False to evaluate the intersection)")
+    qids = [q for q in sub if q in gt]
+    if not qids:
+        raise ValueError("submission and ground truth share no qid")
+    return sub, gt, qids
+
+
+def _as_array(value: Any, width: int, qid: Any, key: str, what: str) -> np.ndarray:
+    """``value`` -> float64 (N, width) array of finite numbers, or ValueError naming the qid."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got {type(value).__name__}")
+    if len(value) == 0:
+        return np.zeros((0, width))
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got {str(value)[:80]}") from None
+    if arr.ndim != 2 or arr.shape[1] != width:
+        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got shape {arr.shape}")
+    bad = ~np.isfinite(arr).all(1) | (arr[:, 0] > arr[:, 1])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"qid {qid!r}: {key}[{i}] = {value[i]} is malformed (need finite start <= end)")
+    return arr
+
+
+def _pred_windows(rec: dict) -> np.ndarray:
+    if "pred_relevant_windows" not in rec:
+        raise ValueError(f"qid {rec['qid']!r}: submission record lacks 'pred_relevant_windows' "
+                         "(the first record has it, so every record must)")
+    return _as_array(rec["pred_relevant_windows"], 3, rec["qid"], "pred_relevant_windows",
+                     "[start, end, score] windows")
+
+
+def _gt_windows(rec: dict) -> np.ndarray:
+    arr = _as_array(rec.get("relevant_windows"), 2, rec["qid"], "relevant_windows", "[start, end] windows")
+    if len(arr) == 0:
+        raise ValueError(f"ground truth qid {rec['qid']!r} has no relevant_windows")
+    return arr
+
+
+def _pred_saliency(rec: dict, num_clips: int) -> np.ndarray:
+    qid, value = rec["qid"], rec.get("pred_saliency_scores")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        arr = np.zeros((0, 0))
+    if value is None or arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        raise ValueError(f"qid {qid!r}: 'pred_saliency_scores' must be a non-empty list of finite numbers")
+    if abs(arr.size - num_clips) > SALIENCY_LEN_TOLERANCE:
+        raise ValueError(f"qid {qid!r}: pred_saliency_scores has {arr.size} scores, the ground truth has "
+                         f"{num_clips} clips (at most {SALIENCY_LEN_TOLERANCE} off is accepted)")
+    return arr
+
+
+def _gt_saliency(rec: dict) -> np.ndarray:
+    """(num_clips, 3) annotator scores, 0 outside ``relevant_clip_ids`` (§2.5)."""
+    qid = rec["qid"]
+    try:
+        num_clips = int(float(rec["duration"]) / HL_CLIP_LENGTH)
+        ids = np.asarray(rec["relevant_clip_ids"], dtype=np.int64).reshape(-1)
+        scores = np.asarray(rec["saliency_scores"], dtype=np.float64).reshape(len(ids), 3)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"ground truth qid {qid!r}: need 'duration', 'relevant_clip_ids' and one "
+                         f"[a1, a2, a3] 'saliency_scores' triple per clip id ({type(e).__name__}: {e})") from None
+    if ids.size and (ids.min() < 0 or ids.max() >= num_clips):
+        raise ValueError(f"ground truth qid {qid!r}: relevant_clip_ids outside [0, {num_clips})")
+    full = np.zeros((num_clips, 3))
+    full[ids] = scores
+    return full
+
+
+# ----------------------------------------------------------------------------------- metric math
+def temporal_iou_cross(spans1: np.ndarray, spans2: np.ndarray) -> np.ndarray:
+    """IoU of every pair, (N, 2) x (M, 2) -> (N, M); true union, 0/0 -> 0 (§2.1)."""
+    inter = np.clip(np.minimum(spans1[:, None, 1], spans2[None, :, 1])
+                    - np.maximum(spans1[:, None, 0], spans2[None, :, 0]), 0, None)
+    union = (spans1[:, 1] - spans1[:, 0])[:, None] + (spans2[:, 1] - spans2[:, 0])[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _paired_hull_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """R1's paired IoU (§2.1): intersection / hull, 0/0 -> 0."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    hull = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / hull if hull > 0 else 0.0
+
+
+def mr_average_precision(pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Per-query MR AP at each threshold (§2.4). ``pred`` (P, 3) [st, ed, score], ``gt`` (G, 2) -> (T,).
+
+    Algorithm: stable sort by score; for each prediction, at every threshold at once, take the first GT (in
+    decreasing-IoU order) with IoU >= t that is not yet matched at t -> TP and lock it, else FP. Then
+    VOC-2011 all-point AP: pad precision with 0 / recall with 0 and 1, make precision monotone from the
+    right, sum Δrecall x precision.
+    """
+    thds = np.asarray(thresholds, dtype=np.float64)[:, None]  # (T, 1)
+    n_pred, n_gt = len(pred), len(gt)
+    if n_pred == 0:
+        return np.zeros(len(thds))
+    pred = pred[np.argsort(-pred[:, 2], kind="stable")]
+    iou = temporal_iou_cross(pred[:, :2], gt)  # (P, G)
+    if n_gt == 1:  # fast path: the first prediction reaching t takes the only GT
+        hit = iou[:, 0][None, :] >= thds  # (T, P)
+        tp = hit & (np.cumsum(hit, axis=1) == 1)
+    else:
+        tp = np.zeros((len(thds), n_pred), dtype=bool)
+        locked = np.zeros((len(thds), n_gt), dtype=bool)
+        gt_order = np.argsort(iou, axis=1, kind="stable")[:, ::-1]  # (P, G), decreasing IoU
+        for p in range(n_pred):
+            g = gt_order[p]
+            free = (iou[p, g][None, :] >= thds) & ~locked[:, g]  # (T, G); IoU >= t is a prefix of g
+            has = free.any(axis=1)
+            tp[has, p] = True
+            locked[np.flatnonzero(has), g[free.argmax(axis=1)[has]]] = True
+    tp_cum = np.cumsum(tp, axis=1)  # (T, P)
+    rank = np.arange(1, n_pred + 1)
+    zeros, ones = np.zeros((len(thds), 1)), np.ones((len(thds), 1))
+    mprec = np.hstack([zeros, tp_cum / rank, zeros])
+    mrec = np.hstack([zeros, tp_cum / n_gt, ones])
+    mprec = np.maximum.accumulate(mprec[:, ::-1], axis=1)[:, ::-1]
+    return np.sum(np.diff(mrec, axis=1) * mprec[:, 1:], axis=1)  # Δrecall is 0 where recall is flat
+
+
+def hl_average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Highlight AP (§2.5) of one score vector (n,) against C binary label columns (n, C) -> (C,).
+
+    Operating points = distinct score values (ties grouped). Interpolated precision at a point = max
+    precision at any lower threshold; AP = its unweighted mean over the distinct recall levels > 0, each
+    taken at the highest threshold reaching it. 0 if a column has no positive, 1 if all positive.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(np.int64)
+    ends = np.append(np.flatnonzero(np.diff(s) != 0), len(s) - 1)  # last index of each tie group
+    tp = np.cumsum(y, axis=0)[ends]  # (K, C)
+    prec = tp / (ends + 1)[:, None]
+    interp = np.maximum.accumulate(prec[::-1], axis=0)[::-1]
+    new_level = np.diff(tp, axis=0, prepend=0) > 0  # recall rises at this point
+    ap = (interp * new_level).sum(0) / np.maximum(new_level.sum(0), 1)
+    n_pos = y.sum(0)
+    ap[n_pos == 0] = 0.0
+    ap[n_pos == len(y)] = 1.0
+    return ap
+
+
+def top_k_trapezoid_ap(scores: np.ndarray, labels: np.ndarray, k: int | None = TVSUM_TOP_K) -> np.ndarray:
+    """TVSum / UMT AP (§3) of scores (n,) against binary labels (n, C) -> (C,).
+
+    Rank by score (stable, descending), keep the top ``k`` (all if None); with ``h_j`` hits in the first j,
+    AP = Σ_j (r_j - r_{j-1}) (p_{j-1} + p_j) / 2, r_j = h_j / h_k, p_j = h_j / j, (r_0, p_0) = (0, 1);
+    0 if no positive in the top k.
+    """
+    y = labels[np.argsort(-scores, kind="stable")[:k]].astype(np.float64)  # (k, C)
+    hits = np.cumsum(y, axis=0)
+    num_gt = hits[-1]
+    rec = hits / np.maximum(num_gt, 1)
+    prc = hits / np.arange(1, len(y) + 1)[:, None]
+    rec_prev = np.vstack([np.zeros((1, y.shape[1])), rec[:-1]])
+    prc_prev = np.vstack([np.ones((1, y.shape[1])), prc[:-1]])
+    ap = np.sum((rec - rec_prev) * (prc_prev + prc) / 2, axis=0)
+    ap[num_gt == 0] = 0.0
+    return ap
+
+
+# ------------------------------------------------------------------------------ moment retrieval
+def _query_mr(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """(AP at each MAP_THRESHOLDS or None if no prediction, top-1 paired IoU) of one query."""
+    if len(pred) == 0:
+        return None, 0.0  # dropped from mAP (§2.4 step 5), a miss in R1
+    top = pred[0, :2]  # file order: NOT re-sorted (§2.3)
+    best = int(np.argmax(temporal_iou_cross(top[None], gt)[0]))  # first best GT on ties
+    return mr_average_precision(pred[:MAX_PRED_WINDOWS], gt, MAP_THRESHOLDS), _paired_hull_iou(top, gt[best])
+
+
+def _mr_split(per_query: list[tuple[np.ndarray | None, float]], variant: str) -> dict:
+    """Metrics of one length split from its queries' ``_query_mr`` results."""
+    aps = [a for a, _ in per_query if a is not None]
+    ap = np.mean(aps, axis=0) if aps else np.zeros(len(MAP_THRESHOLDS))
+    ious = np.array([iou for _, iou in per_query])
+    m_ap = {str(t): _fmt(v) for t, v in zip(MAP_THRESHOLDS, ap)}
+    m_ap["average"] = _fmt(np.mean(ap))
+    r1 = {str(t): _fmt(np.mean(ious >= t)) if len(ious) else 0.0 for t in R1_THRESHOLDS[variant]}
+    out = {"MR-mAP": m_ap, "MR-R1": r1}
+    if variant == "cgdetr":
+        out = {"MR-mIoU": _fmt(np.mean(ious)) if len(ious) else 0.0, **out}
+    return out
+
+
+def _eval_moment_retrieval(sub: dict, gt: dict, qids: list, variant: str, verbose: bool) -> dict:
+    preds = {q: _pred_windows(sub[q]) for q in qids}  # validate everything before any metric
+    gts = {q: _gt_windows(gt[q]) for q in qids}
+    cache: dict = {}  # (qid, kept windows) -> _query_mr; most queries keep all windows in their split
+    ret = {}
+    for name, rng in LENGTH_RANGES.items():
+        per_query = []
+        for q in qids:
+            g = gts[q]
+            keep = np.ones(len(g), dtype=bool)
+            if rng is not None:
+                length = g[:, 1] - g[:, 0]
+                keep = (length > rng[0]) & (length <= rng[1])
+            if keep.any():
+                key = (q, keep.tobytes())
+                if key not in cache:
+                    cache[key] = _query_mr(preds[q], g[keep])
+                per_query.append(cache[key])
+        if verbose:
+            n = len(per_query)
+            print(f"{name}: {rng or 'all'}, {n}/{len(qids)}={100 * n / len(qids):.2f} examples.")
+        ret[name] = _mr_split(per_query, variant)
+    return ret
+
+
+def _mr_brief(mr: dict, variant: str) -> dict:
+    full = mr["full"]
+    brief = {"MR-full-mAP": full["MR-mAP"]["average"], "MR-full-mAP@0.5": full["MR-mAP"]["0.5"],
+             "MR-full-mAP@0.75": full["MR-mAP"]["0.75"], "MR-full-R1@0.5": full["MR-R1"]["0.5"],
+             "MR-full-R1@0.7": full["MR-R1"]["0.7"]}
+    for name in ("short", "middle", "long"):
+        brief[f"MR-{name}-mAP"] = mr[name]["MR-mAP"]["average"]
+    if variant == "cgdetr":
+        brief["MR-full-mIoU"] = full["MR-mIoU"]
+        brief["MR-full-R1@0.3"] = full["MR-R1"]["0.3"]
+    return dict(sorted(brief.items()))
+
+
+# ---------------------------------------------------------------------------- highlight detection
+def _eval_highlight(sub: dict, gt: dict, qids: list) -> dict:
+    n_lv = len(HL_LEVELS)
+    aps = np.zeros((len(qids), n_lv, 3))  # (Q, level, annotator)
+    hits = np.zeros((len(qids), n_lv))
+    for i, q in enumerate(qids):
+        gt_scores = _gt_saliency(gt[q])  # (n, 3)
+        n = len(gt_scores)
+        raw = _pred_saliency(sub[q], n)
+        pred = raw[:n] if len(raw) >= n else np.pad(raw, (0, n - len(raw)))  # 0.0-padding (§2.5)
+        labels = np.concatenate([gt_scores >= m for m in HL_LEVELS.values()], axis=1)  # (n, 3 * n_lv)
+        aps[i] = hl_average_precision(pred, labels).reshape(n_lv, 3)
+        top = int(np.argmax(raw))  # over the whole predicted list, first on ties
+        if top < n:
+            hits[i] = labels[top].reshape(n_lv, 3).any(axis=1)
+    return {f"HL-min-{name}": {"HL-mAP": _fmt(aps[:, j].mean()), "HL-Hit1": _fmt(hits[:, j].mean())}
+            for j, name in enumerate(HL_LEVELS)}
+
+
+# ------------------------------------------------------------------------------------ public API
+def evaluate_qvhighlights(submission: list[dict], ground_truth: list[dict], verbose: bool = False,
+                          match_number: bool = True, variant: str = "official") -> dict:
+    """Official QVHighlights metrics (§2), or CG-DETR's extension with ``variant="cgdetr"`` (§3).
+
+    Returns ``{"brief": {...}, "HL-min-Fair": {"HL-mAP", "HL-Hit1"}, "HL-min-Good": ...,
+    "HL-min-VeryGood": ..., "full": {["MR-mIoU",] "MR-mAP": {"0.5".."0.95", "average"}, "MR-R1": {...}},
+    "long": ..., "middle": ..., "short": ...}`` -- the MR keys only if the first submission record has
+    ``pred_relevant_windows``, the HL keys only if it has ``pred_saliency_scores``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    sub, gt, qids = _match_qids(submission, ground_truth, match_number)
+    first = submission[0]
+    metrics, brief = {}, {}
+    if "pred_relevant_windows" in first:
+        mr = _eval_moment_retrieval(sub, gt, qids, variant, verbose)
+        metrics.update(mr)
+        brief.update(_mr_brief(mr, variant))
+    if "pred_saliency_scores" in first:
+        hl = _eval_highlight(sub, gt, qids)
+        metrics.update(hl)
+        brief.update({f"{k}-{sub_k.split('-')[1]}": v for k, d in hl.items() for sub_k, v in d.items()})
+    return {"brief": brief, **dict(sorted(metrics.items()))}
+
+
+def evaluate_charades_tacos(submission: list[dict], ground_truth: list[dict], verbose: bool = False,
+                            match_number: bool = True) -> dict:
+    """Charades-STA / TACoS moment retrieval with CG-DETR's evaluator (§3): MR only, same splits.
+
+    Brief keys: ``MR-full-R1@0.3``, ``MR-full-R1@0.5``, ``MR-full-R1@0.7``, ``MR-full-mIoU``, ``MR-full-mAP``,
+    ``MR-full-mAP@0.5``, ``MR-full-mAP@0.75``, ``MR-{short,middle,long}-mAP``.
+    """
+    sub, gt, qids = _match_qids(submission, ground_truth, match_number)
+    mr = _eval_moment_retrieval(sub, gt, qids, "cgdetr", verbose)
+    return {"brief": _mr_brief(mr, "cgdetr"), **dict(sorted(mr.items()))}
+
+
+def evaluate_tvsum(predictions: list[dict], ground_truth: list[dict], top_k: int | None = TVSUM_TOP_K,
+                   match_number: bool = True) -> dict:
+    """TVSum highlight detection (§3, "following UMT").
+
+    ``predictions``: ``{"qid", "pred_saliency_scores"}`` per video; ``ground_truth``: TVSum records with
+    ``label`` (n_clips, 20) and ``domain``. Returns ``{"brief": {"HL-Top5-mAP": mean over domains,
+    "HL-<D>-Top5-mAP": per domain ...}, "per_domain": {D: {"Top5-mAP", "num_videos"}}}``; with
+    ``top_k=None`` the names read ``mAP`` (all clips ranked, YouTube-Highlights style).
+    """
+    sub, gt, qids = _match_qids(predictions, ground_truth, match_number)
+    per_domain: dict[str, list[np.ndarray]] = {}
+    for q in qids:
+        rec = gt[q]
+        try:
+            label = np.asarray(rec["label"], dtype=np.float64)
+            domain = str(rec["domain"])
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"ground truth qid {q!r}: need 'label' (n_clips x annotators) and 'domain'") from None
+        if label.ndim != 2 or len(label) == 0:
+            raise ValueError(f"ground truth qid {q!r}: 'label' must be (n_clips, annotators), got {label.shape}")
+        pred = _pred_saliency(sub[q], len(label))[: len(label)]  # upstream truncates, never pads
+        median = np.sort(label, axis=0)[(len(label) - 1) // 2]  # torch median: lower middle value
+        binary = label[: len(pred)] > median
+        per_domain.setdefault(domain, []).append(top_k_trapezoid_ap(pred, binary, top_k))
+    name = f"Top{top_k}-mAP" if top_k else "mAP"
+    dom_ap = {d: float(np.mean(v)) for d, v in sorted(per_domain.items())}
+    brief = {f"HL-{name}": _fmt(np.mean(list(dom_ap.values())))}
+    brief.update({f"HL-{d}-{name}": _fmt(v) for d, v in dom_ap.items()})
+    return {"brief": brief,
+            "per_domain": {d: {name: _fmt(v), "num_videos": len(per_domain[d])} for d, v in dom_ap.items()}}
+
+
+def evaluate(submission: list[dict], ground_truth: list[dict], dataset: str = "qvhighlights", **kwargs) -> dict:
+    """Dispatch on ``dataset`` (one of ``DATASETS``); ``kwargs`` go to the dataset's evaluator."""
+    if dataset == "qvhighlights":
+        return evaluate_qvhighlights(submission, ground_truth, **kwargs)
+    if dataset in ("charades", "tacos"):
+        return evaluate_charades_tacos(submission, ground_truth, **kwargs)
+    if dataset == "tvsum":
+        return evaluate_tvsum(submission, ground_truth, **kwargs)
+    near = difflib.get_close_matches(str(dataset), DATASETS, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise ValueError(f"unknown dataset {dataset!r}{hint}; valid: {', '.join(DATASETS)}")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--submission", required=True, help="predictions, JSON lines")
+    ap.add_argument("--gt", required=True, help="ground truth, JSON lines")
+    ap.add_argument("--dataset", default="qvhighlights", choices=DATASETS)
+    ap.add_argument("--variant", default="official", choices=VARIANTS, help="QVHighlights evaluator variant")
+    ap.add_argument("--out", default=None, help="write the full metrics dict here (atomically)")
+    ap.add_argument("--no-match-number", action="store_true", help="evaluate the qid intersection")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    kwargs: dict[str, Any] = {"match_number": not args.no_match_number}
+    if args.dataset == "qvhighlights":
+        kwargs.update(variant=args.variant, verbose=args.verbose)
+    elif args.dataset in ("charades", "tacos"):
+        kwargs.update(verbose=args.verbose)
+    try:
+        submission, ground_truth = load_jsonl(args.submission), load_jsonl(args.gt)
+        metrics = evaluate(submission, ground_truth, dataset=args.dataset, **kwargs)
+        if args.out:
+            save_json(metrics, args.out)
+    except FileNotFoundError as e:
+        print(f"error: file not found: {e.filename}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics["brief"], indent=4))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

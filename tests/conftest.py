@@ -1,0 +1,47 @@
+"""Shared fixtures: a fixed seed for every test, a small-input-dim config, and the shared/ data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (kernels/ tests)
+
+import pytest
+import torch
+
+from reference import LDDETRConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def small_cfg() -> LDDETRConfig:
+    """The QVHighlights architecture (d=256, all layer counts) with small input dims and a small queue."""
+    return LDDETRConfig.preset("qvhighlights", v_feat_dim=34, t_feat_dim=24, queue_length=64)
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found (tests read ../shared beside the repository)")
+    return path
+
+
+def random_batch(cfg: LDDETRConfig, lengths, text_lengths, pad_value: str = "noise"):
+    """Features with per-sample lengths; padded positions hold random noise (so any leak shows)."""
+    b, t, n = len(lengths), max(lengths), max(text_lengths)
+    video = torch.randn(b, t, cfg.v_feat_dim)
+    text = torch.randn(b, n, cfg.t_feat_dim)
+    vmask = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
+    tmask = torch.arange(n)[None] < torch.tensor(text_lengths)[:, None]
+    if pad_value == "zeros":
+        video = video * vmask[..., None]
+        text = text * tmask[..., None]
+    return video, vmask, text, tmask
