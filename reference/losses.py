@@ -56,7 +56,7 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
-        loss = ((1-alpha) * targets + alpha * (1 - targets)) * loss
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
 
 
