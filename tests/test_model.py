@@ -276,3 +276,30 @@ def test_config_presets_and_errors():
     with pytest.raises(ValueError, match=r"hidden_dim must be 256"):
         LDDETRConfig(hidden_dim=128)
     assert LDDETRConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_one_optimizer_step_lowers_the_loss(small_cfg):
+    """Batch 2, AdamW at the official lr / weight decay / grad clip: the total loss on the same batch drops."""
+    from reference.losses import build_criterion
+
+    cfg = LDDETRConfig(**{**small_cfg.to_dict(), "dropout": 0.0, "input_dropout": 0.0, "v2t_dropout": 0.0})
+    model, criterion = LDDETR(cfg), build_criterion(cfg)
+    video, vmask, text, tmask = random_batch(cfg, [15, 11], [6, 4])
+    targets = {
+        "span_labels": [torch.tensor([[0.3, 0.2], [0.7, 0.1]]), torch.tensor([[0.5, 0.4]])],
+        "saliency_pos_labels": torch.tensor([[4, 3], [5, 6]]),
+        "saliency_neg_labels": torch.tensor([[10, 12], [0, 9]]),
+        "saliency_all_labels": (torch.rand(2, 15) * 12).round() * vmask,
+    }
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.wd)
+
+    def total():
+        return criterion(model(video, vmask, text, tmask), targets)["loss"]
+
+    before = total()
+    before.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    with torch.no_grad():
+        after = total()
+    assert torch.isfinite(before) and after < before - 1e-3, (float(before), float(after))
