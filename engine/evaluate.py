@@ -130,6 +130,8 @@ def _index_by_qid(records: Sequence[dict], what: str) -> dict:
         if not isinstance(rec, dict) or "qid" not in rec:
             raise ValueError(f"{what} record {i} is not a dict with a 'qid' key: {str(rec)[:80]}")
         qid = rec["qid"]
+        if not isinstance(qid, (int, str)):
+            raise ValueError(f"{what} record {i}: qid must be an int or a str, got {qid!r}")
         if qid in out:
             raise ValueError(f"duplicate qid {qid!r} in {what} (records {out[qid][0]} and {i})")
         out[qid] = (i, rec)
@@ -354,7 +356,7 @@ def _eval_moment_retrieval(sub: dict, gt: dict, qids: list, variant: str, verbos
                 per_query.append(cache[key])
         if verbose:
             n = len(per_query)
-            print(f"{name}: {rng or 'all'}, {n}/{len(qids)}={100 * n / len(qids):.2f} examples.")
+            print(f"{name}: {rng or 'all'}, {n}/{len(qids)}={100 * n / len(qids):.2f} examples.", file=sys.stderr)
         ret[name] = _mr_split(per_query, variant)
     return ret
 
@@ -373,14 +375,21 @@ def _mr_brief(mr: dict, variant: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- highlight detection
-def _eval_highlight(sub: dict, gt: dict, qids: list) -> dict:
+def _hl_inputs(sub: dict, gt: dict, qids: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validated (GT scores (n, 3), raw predicted saliency) per query, before any metric is computed."""
+    out = []
+    for q in qids:
+        gt_scores = _gt_saliency(gt[q])
+        out.append((gt_scores, _pred_saliency(sub[q], len(gt_scores))))
+    return out
+
+
+def _eval_highlight(inputs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
     n_lv = len(HL_LEVELS)
-    aps = np.zeros((len(qids), n_lv, 3))  # (Q, level, annotator)
-    hits = np.zeros((len(qids), n_lv))
-    for i, q in enumerate(qids):
-        gt_scores = _gt_saliency(gt[q])  # (n, 3)
+    aps = np.zeros((len(inputs), n_lv, 3))  # (Q, level, annotator)
+    hits = np.zeros((len(inputs), n_lv))
+    for i, (gt_scores, raw) in enumerate(inputs):
         n = len(gt_scores)
-        raw = _pred_saliency(sub[q], n)
         pred = raw[:n] if len(raw) >= n else np.pad(raw, (0, n - len(raw)))  # 0.0-padding (§2.5)
         labels = np.concatenate([gt_scores >= m for m in HL_LEVELS.values()], axis=1)  # (n, 3 * n_lv)
         aps[i] = hl_average_precision(pred, labels).reshape(n_lv, 3)
@@ -404,14 +413,15 @@ def evaluate_qvhighlights(submission: list[dict], ground_truth: list[dict], verb
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     sub, gt, qids = _match_qids(submission, ground_truth, match_number)
-    first = submission[0]
+    first = sub[qids[0]]  # the first record after the qid check decides which blocks run (§1)
+    hl_inputs = _hl_inputs(sub, gt, qids) if "pred_saliency_scores" in first else None
     metrics, brief = {}, {}
     if "pred_relevant_windows" in first:
         mr = _eval_moment_retrieval(sub, gt, qids, variant, verbose)
         metrics.update(mr)
         brief.update(_mr_brief(mr, variant))
-    if "pred_saliency_scores" in first:
-        hl = _eval_highlight(sub, gt, qids)
+    if hl_inputs is not None:
+        hl = _eval_highlight(hl_inputs)
         metrics.update(hl)
         brief.update({f"{k}-{sub_k.split('-')[1]}": v for k, d in hl.items() for sub_k, v in d.items()})
     return {"brief": brief, **dict(sorted(metrics.items()))}
