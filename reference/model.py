@@ -36,7 +36,8 @@ class LDDETR(nn.Module):
 
     ``forward(video, video_mask, text, text_mask, alpha=None) -> dict`` with
 
-    * video (B, T, v_feat_dim) float, text (B, N, t_feat_dim) float;
+    * video (B, T, v_feat_dim) float, text (B, N, t_feat_dim) float; a single video (1, T, v_feat_dim)
+      with B queries is encoded once and broadcast;
     * masks (B, T) / (B, N), bool or {0, 1} float, True / 1 = valid (valid positions first);
     * ``alpha``: the Distill Align coefficient for this step (training only; default
       ``cfg.distillation_coefficient``; see :func:`reference.distill_align.warmup_alpha`).
@@ -104,6 +105,9 @@ class LDDETR(nn.Module):
 
         vid = self.video_encoder(video)  # V' (B, L, d)
         txt = self.text_encoder(text)  # T' (B, N, d)
+        if video.shape[0] != text.shape[0]:  # one video, several queries: encode the video once
+            b = text.shape[0]
+            vid, video, video_mask = vid.expand(b, -1, -1), video.expand(b, -1, -1), video_mask.expand(b, -1)
         out: dict = {}
         if self.training:
             self.momentum_update()

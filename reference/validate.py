@@ -39,8 +39,9 @@ def check_input_shapes(video: Tensor, video_mask: Tensor, text: Tensor, text_mas
     if text.shape[-1] != t_feat_dim:
         raise InputError(f"text feature dim: expected {t_feat_dim} (t_feat_dim), got {text.shape[-1]} "
                          f"(text shape {tuple(text.shape)})")
-    if video.shape[0] != text.shape[0]:
-        raise InputError(f"batch size differs: video {video.shape[0]} vs text {text.shape[0]}")
+    if video.shape[0] != text.shape[0] and video.shape[0] != 1:
+        raise InputError(f"batch size differs: video {video.shape[0]} vs text {text.shape[0]} "
+                         f"(a single video (1, T, D) may be paired with several queries)")
     for name, x, m in (("video", video, video_mask), ("text", text, text_mask)):
         if tuple(m.shape) != tuple(x.shape[:2]):
             raise InputError(f"{name}_mask shape {tuple(m.shape)} does not match {name} (B, T) = {tuple(x.shape[:2])}")

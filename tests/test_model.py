@@ -303,3 +303,13 @@ def test_one_optimizer_step_lowers_the_loss(small_cfg):
     with torch.no_grad():
         after = total()
     assert torch.isfinite(before) and after < before - 1e-3, (float(before), float(after))
+
+
+def test_one_video_several_queries_is_broadcast(small_cfg):
+    model = LDDETR(small_cfg).eval()
+    video, vmask, text, tmask = random_batch(small_cfg, [12, 12, 12], [5, 7, 3])
+    with torch.no_grad():
+        full = model(video[:1].expand(3, -1, -1), vmask[:1].expand(3, -1), text, tmask)
+        once = model(video[:1], vmask[:1], text, tmask)
+    for key in ("pred_logits", "pred_spans", "saliency_scores"):
+        torch.testing.assert_close(once[key], full[key], atol=1e-6, rtol=0)
