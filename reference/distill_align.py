@@ -93,7 +93,9 @@ class DistillAlign(nn.Module):
         b = gv_m.shape[0]
         if self.queue_length % b != 0:  # official rule: partial batches are not enqueued
             return
-        ptr = int(self.queue_ptr)
-        self.vid_queue[:, ptr:ptr + b] = gv_m.t().to(self.vid_queue.dtype)
-        self.txt_queue[:, ptr:ptr + b] = gt_m.t().to(self.txt_queue.dtype)
-        self.queue_ptr[0] = (ptr + b) % self.queue_length
+        # columns ptr .. ptr+b-1, wrapping around the end (a short batch can leave ptr unaligned; the
+        # official slice write would then fail)
+        cols = (self.queue_ptr + torch.arange(b, device=self.queue_ptr.device)) % self.queue_length
+        self.vid_queue[:, cols] = gv_m.t().to(self.vid_queue.dtype)
+        self.txt_queue[:, cols] = gt_m.t().to(self.txt_queue.dtype)
+        self.queue_ptr[0] = (self.queue_ptr[0] + b) % self.queue_length

@@ -313,3 +313,14 @@ def test_one_video_several_queries_is_broadcast(small_cfg):
         once = model(video[:1], vmask[:1], text, tmask)
     for key in ("pred_logits", "pred_spans", "saliency_scores"):
         torch.testing.assert_close(once[key], full[key], atol=1e-6, rtol=0)
+
+
+def test_enqueue_wraps_around_an_unaligned_pointer():
+    from reference.distill_align import DistillAlign
+
+    da = DistillAlign(hidden_dim=4, queue_length=8)
+    da.queue_ptr[0] = 6
+    feats = torch.nn.functional.normalize(torch.randn(4, 4), dim=1)
+    da.enqueue(feats, feats)
+    torch.testing.assert_close(da.vid_queue[:, [6, 7, 0, 1]], feats.t())
+    assert int(da.queue_ptr) == 2

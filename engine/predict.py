@@ -1,0 +1,177 @@
+"""Prediction: ``python -m engine.predict --ckpt best.pt --data-root R --split val --out preds.jsonl``.
+
+Also a Python API for already-extracted features of one video and several queries (the video is
+encoded once)::
+
+    from engine.predict import Predictor
+    predictor = Predictor.from_checkpoint("runs/ld_detr/best.pt")
+    results = predictor.predict({"slowfast_features": sf, "clip_features": clip},   # (T, D) arrays
+                                [query_tokens_1, query_tokens_2], queries=["a man ...", "..."])
+    results[0]["windows"]   # [[start_s, end_s, score], ...] sorted by score
+    results[0]["saliency"]  # one score per clip
+
+Features are given raw (as stored in the feature files); the predictor applies the checkpoint's feature
+contract (L2 normalisation, truncation, TEF) exactly as training did. ``--plot DIR`` writes one PNG per
+query: the saliency curve, the predicted windows and, when known, the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from reference import LDDETR, validate_inputs
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import DataError, FeatureSpec, MomentDataset, load_annotations, make_loader, prepare_text, prepare_video
+from .evaluate import evaluate
+from .postprocess import to_records
+
+
+class Predictor:
+    """A loaded model plus its feature contract, ready for raw features."""
+
+    def __init__(self, model: LDDETR, spec: FeatureSpec, dataset: str = "qvhighlights",
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+        self.dataset = dataset
+        spec.check_config(model.cfg)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
+        model, meta = load_checkpoint(path)
+        contract = meta.get("feature_contract")
+        if contract is None:
+            raise CheckpointError(f"{path}: checkpoint has no feature contract; cannot prepare raw features")
+        dataset = (meta.get("meta") or {}).get("dataset", "qvhighlights")
+        return cls(model, FeatureSpec.from_dict(contract), dataset=dataset, device=device)
+
+    @torch.no_grad()
+    def predict(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
+                queries: Sequence[str] | None = None, duration: float | None = None) -> list[dict]:
+        """One video, several queries -> one result dict per query.
+
+        ``video``: {feature dir name: (T, D) array} as stored on disk, or one (T, D) array when the contract
+        has a single video feature. ``query_tokens``: per query a (N, Dt) token-feature array.
+        ``duration`` defaults to T * clip_length.
+        """
+        if len(query_tokens) == 0:
+            raise ValueError("predict: no queries given")
+        if queries is not None and len(queries) != len(query_tokens):
+            raise ValueError(f"predict: {len(queries)} query strings for {len(query_tokens)} query feature arrays")
+        v = torch.from_numpy(prepare_video(video, self.spec, name="video"))[None]  # (1, T, Dv)
+        texts = [prepare_text(np.asarray(q, dtype=np.float32), self.spec, name=f"query {i}")
+                 for i, q in enumerate(query_tokens)]
+        n = max(len(t) for t in texts)
+        text = torch.zeros(len(texts), n, texts[0].shape[1])
+        text_mask = torch.zeros(len(texts), n, dtype=torch.bool)
+        for i, t in enumerate(texts):
+            text[i, : len(t)] = torch.from_numpy(t)
+            text_mask[i, : len(t)] = True
+        video_mask = torch.ones(1, v.shape[1], dtype=torch.bool)
+        ids = list(queries) if queries is not None else list(range(len(texts)))
+        validate_inputs(v.expand(len(texts), -1, -1), video_mask.expand(len(texts), -1), text, text_mask, ids=ids)
+        out = self.model(v.to(self.device), video_mask.to(self.device), text.to(self.device), text_mask.to(self.device))
+        dur = float(duration) if duration is not None else v.shape[1] * self.spec.clip_length
+        meta = [{"qid": i, "query": (queries[i] if queries is not None else ""), "vid": "", "duration": dur}
+                for i in range(len(texts))]
+        recs = to_records(out, meta, dataset="synthetic" if self.dataset == "synthetic" else "qvhighlights",
+                          clip_length=self.spec.clip_length)
+        return [{"query": r["query"], "windows": r["pred_relevant_windows"], "saliency": r["pred_saliency_scores"]}
+                for r in recs]
+
+
+# ---------------------------------------------------------------------------------------------------
+def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Path) -> None:
+    """One PNG: saliency curve, top predicted windows, ground-truth windows when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sal = record.get("pred_saliency_scores") or []
+    fig, ax = plt.subplots(figsize=(8, 2.6), dpi=100)
+    if sal:
+        t = (np.arange(len(sal)) + 0.5) * clip_length
+        ax.plot(t, sal, color="tab:blue", lw=1.5, label="predicted saliency")
+    for i, (st, ed, score) in enumerate(record["pred_relevant_windows"][:3]):
+        ax.axvspan(st, ed, color="tab:orange", alpha=0.45 if i == 0 else 0.15,
+                   label=f"predicted top-{i + 1} ({score:.2f})")
+    if gt is not None:
+        for j, (st, ed) in enumerate(gt.get("relevant_windows") or []):
+            ax.axvspan(st, ed, ymin=0.0, ymax=0.08, color="tab:green", label="ground truth" if j == 0 else None)
+    ax.set_xlabel("time (s)")
+    ax.set_title(f"qid {record['qid']}: {str(record.get('query', ''))[:90]}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _find_split(root: Path, split: str) -> Path:
+    found = sorted(p for p in root.glob(f"*{split}*.jsonl") if p.is_file())
+    if len(found) != 1:
+        raise DataError(f"expected one *{split}*.jsonl annotation file in {root}, found {[p.name for p in found]}; "
+                        f"pass --ann")
+    return found[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by engine.train (best.pt)")
+    p.add_argument("--data-root", type=Path, required=True, help="feature root of the data to predict on")
+    p.add_argument("--split", default="val", help="which annotation file in --data-root (*{split}*.jsonl)")
+    p.add_argument("--ann", type=Path, default=None, help="annotation jsonl (overrides --split)")
+    p.add_argument("--out", type=Path, required=True, help="output jsonl (official submission format)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--plot", type=Path, default=None, help="write one PNG per query into this folder")
+    p.add_argument("--max-plots", type=int, default=50, help="at most this many PNGs")
+    args = p.parse_args(argv)
+    try:
+        predictor = Predictor.from_checkpoint(args.ckpt, device=args.device)
+        ann_file = args.ann or _find_split(args.data_root, args.split)
+        ann = load_annotations(ann_file)
+        ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)
+        loader = make_loader(ds, args.batch_size, shuffle=False, num_workers=0, seed=0, device=predictor.device)
+        from .train import predict_loader
+
+        records = predict_loader(predictor.model, loader, predictor.device, predictor.model.cfg, predictor.dataset,
+                                 progress=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
+        has_gt = all(a.get("relevant_windows") for a in ann)
+        if has_gt:
+            ds_name = "qvhighlights" if predictor.dataset == "synthetic" else predictor.dataset
+            print(json.dumps(evaluate(records, ann, dataset=ds_name)["brief"], indent=2))
+        if args.plot is not None:
+            args.plot.mkdir(parents=True, exist_ok=True)
+            by_qid = {a["qid"]: a for a in ann}
+            for r in records[: args.max_plots]:
+                plot_prediction(r, by_qid.get(r["qid"]) if has_gt else None, predictor.spec.clip_length,
+                                args.plot / f"qid{r['qid']}.png")
+            print(f"wrote {min(len(records), args.max_plots)} plots to {args.plot}", file=sys.stderr)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,470 @@
+"""Training CLI: ``python -m engine.train [--compile] [--amp bf16] ...`` (spec ``ld-detr-code.md`` §4).
+
+With no data flags it trains on the built-in synthetic dataset (generated once and cached), evaluating every
+epoch; with ``--data-root`` / ``--train-file`` / ``--val-file`` it trains on any dataset in the standard
+Moment-DETR / QD-DETR feature layout. Defaults follow the official recipe: AdamW (lr 1e-4, wd 1e-4, one
+parameter group), cosine schedule stepped per epoch, grad-norm clip 0.1, the alpha warm-up of Distill Align
+over the first epoch, the best checkpoint chosen by ``MR-full-mAP`` on the validation split.
+
+Written into ``--out``::
+
+    best.pt                 the checkpoint to pass around (engine.load_checkpoint, python -m export ...)
+    latest.pt               the last epoch, with the resume state (optimiser, scheduler, RNG, queue)
+    best_val_preds.jsonl    validation predictions of the best epoch, official submission format
+    metrics.json            best metrics (official key names) + per-epoch history
+    train.log, tb/          plain-text log and TensorBoard scalars
+
+Multi-GPU / multi-process: ``torchrun --nproc_per_node=N -m engine.train ...`` (DDP; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from reference import LDDETR, LDDETRConfig, warmup_alpha
+from reference.losses import build_criterion
+
+from . import distributed as dist_utils
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap
+from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
+from .evaluate import evaluate, save_json
+from .postprocess import to_records
+
+log = logging.getLogger("ld_detr.train")
+
+DATASETS = ("qvhighlights", "charades", "tacos", "tvsum", "synthetic")
+BEST_KEY = "MR-full-mAP"
+
+#: The built-in job: a small-but-real LD-DETR (every component, fewer layers) on the synthetic set.
+SYNTHETIC_OVERRIDES = dict(
+    num_v2t_encoder_layers=1, num_encoder1_layers=1, num_convolutional_blocks=2, num_encoder2_layers=1,
+    queue_length=1024, lr=5e-4, n_epoch=12, bsz=32,
+)
+
+
+class TrainError(RuntimeError):
+    """A problem the user can fix (bad flags, mismatching data); printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="dataset format (default: synthetic without --data-root, else qvhighlights)")
+    d.add_argument("--data-root", type=Path, default=None, help="feature root (slowfast_features/, clip_features/, ...)")
+    d.add_argument("--train-file", type=Path, default=None, help="train annotation jsonl (default: found in --data-root)")
+    d.add_argument("--val-file", type=Path, default=None, help="val annotation jsonl (default: found in --data-root)")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    d.add_argument("--synthetic-dir", type=Path, default=None,
+                   help="where the built-in synthetic dataset is cached (default: $LD_DETR_CACHE or ~/.cache/ld_detr)")
+    m = p.add_argument_group("model / optimisation")
+    m.add_argument("--preset", default=None, help="config preset (default: from --dataset)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any LDDETRConfig field, e.g. --set decoder_loops=1 (repeatable)")
+    m.add_argument("--epochs", type=int, default=None, help="default: the preset's n_epoch")
+    m.add_argument("--batch-size", type=int, default=None, help="default: the preset's bsz (32)")
+    m.add_argument("--lr", type=float, default=None, help="default: the preset's lr (1e-4)")
+    m.add_argument("--seed", type=int, default=2024)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, default=Path("runs/ld_detr"), help="output folder")
+    r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model (CPU inductor or CUDA)")
+    r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    r.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    fields = LDDETRConfig.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise TrainError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise TrainError(f"--set: unknown config field {key!r}")
+        typ = type(getattr(LDDETRConfig(), key))
+        if typ is bool:
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                out[key] = typ(value)
+            except ValueError:
+                raise TrainError(f"--set {key}: cannot read {value!r} as {typ.__name__}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class DataSetup:
+    dataset: str
+    root: Path
+    train_file: Path
+    val_file: Path
+    spec: FeatureSpec
+
+
+def _find_annotation(root: Path, split: str) -> Path:
+    patterns = {"train": ("*train*.jsonl",), "val": ("*val*.jsonl", "*test*.jsonl")}[split]
+    for pat in patterns:
+        found = sorted(p for p in root.glob(pat) if p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise TrainError(f"several {split} annotation files in {root}: {[p.name for p in found]}; "
+                             f"pass --{split}-file")
+    raise TrainError(f"no {split} annotation file (*{split}*.jsonl) in {root}; pass --{split}-file")
+
+
+def resolve_data(args: argparse.Namespace) -> DataSetup:
+    if args.data_root is None and args.train_file is None:
+        from .synthetic import ensure_synthetic_dataset
+
+        if args.dataset not in (None, "synthetic"):
+            raise TrainError(f"--dataset {args.dataset} needs --data-root (the feature folders)")
+        cache = args.synthetic_dir or Path(os.environ.get("LD_DETR_CACHE", Path.home() / ".cache" / "ld_detr")) / "synthetic"
+        if dist_utils.is_main():
+            ensure_synthetic_dataset(cache)
+        dist_utils.barrier()
+        return DataSetup("synthetic", cache, cache / "train.jsonl", cache / "val.jsonl", feature_spec_for("synthetic", cache))
+    if args.data_root is None:
+        raise TrainError("--train-file needs --data-root (the folder holding the feature sub-folders)")
+    root = args.data_root
+    if not root.is_dir():
+        raise TrainError(f"--data-root {root} is not a folder")
+    dataset = args.dataset or "qvhighlights"
+    train_file = args.train_file or _find_annotation(root, "train")
+    val_file = args.val_file or _find_annotation(root, "val")
+    for f in (train_file, val_file):
+        if not Path(f).is_file():
+            raise TrainError(f"annotation file not found: {f}")
+    return DataSetup(dataset, root, Path(train_file), Path(val_file), feature_spec_for(dataset, root))
+
+
+def build_config(args: argparse.Namespace, data: DataSetup) -> LDDETRConfig:
+    preset = args.preset or ("qvhighlights" if data.dataset == "synthetic" else data.dataset)
+    overrides: dict[str, Any] = dict(SYNTHETIC_OVERRIDES) if data.dataset == "synthetic" else {}
+    overrides.update(v_feat_dim=data.spec.v_feat_dim, t_feat_dim=data.spec.t_feat_dim,
+                     clip_length=data.spec.clip_length, max_v_l=data.spec.max_v_l, max_q_l=data.spec.max_q_l)
+    overrides.update(_parse_overrides(args.overrides))
+    for flag, field_name in (("epochs", "n_epoch"), ("batch_size", "bsz"), ("lr", "lr")):
+        if getattr(args, flag) is not None:
+            overrides[field_name] = getattr(args, flag)
+    try:
+        return LDDETRConfig.preset(preset, **overrides)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def _setup_logging(out: Path, quiet: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    fh = logging.FileHandler(out / "train.log")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    log.addHandler(sh)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: scalars go to the log only
+        log.info("tensorboard is not installed; scalars are only written to train.log")
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if "targets" in batch:
+        t = batch["targets"]
+        moved["targets"] = {k: ([x.to(device) for x in v] if isinstance(v, list) else v.to(device)) for k, v in t.items()}
+    return moved
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LDDETRConfig, dataset: str,
+                   amp: str = "off", progress: bool = False) -> list[dict]:
+    """Run ``model`` (eval mode) over a loader and return official submission records."""
+    model.eval()
+    records: list[dict] = []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        batch = _to_device(batch, device)
+        with _autocast(device, amp):
+            out = model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"])
+        records += to_records(out, batch["meta"], dataset=dataset, clip_length=cfg.clip_length, nms_thd=cfg.nms_thd,
+                              max_before_nms=cfg.max_before_nms, max_after_nms=cfg.max_after_nms)
+    return records
+
+
+def _eval_dataset(dataset: str) -> str:
+    return "qvhighlights" if dataset == "synthetic" else dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict:
+    """Run training as the CLI does; returns the final summary (best metrics, paths).
+
+    ``stop_after_epoch`` ends the run early after that epoch (simulates an interruption in tests).
+    """
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    distributed = dist_utils.init_from_env(device)
+    device = dist_utils.local_device(device)
+    main_proc = dist_utils.is_main()
+    out: Path = args.out
+    if main_proc:
+        _setup_logging(out, args.quiet)
+    else:
+        log.handlers.clear()
+        log.addHandler(logging.NullHandler())
+        log.propagate = False
+    try:
+        data = resolve_data(args)
+        cfg = build_config(args, data)
+        _seed_everything(args.seed)
+        resume_ckpt = None
+        if args.resume is not None:
+            try:
+                resume_ckpt = read_checkpoint(args.resume)
+            except CheckpointError as e:
+                raise TrainError(str(e)) from None
+            if "resume" not in resume_ckpt:
+                raise TrainError(f"{args.resume} has no resume state (use latest.pt, not best.pt)")
+            saved = LDDETRConfig.from_dict(resume_ckpt["config"])
+            if saved != cfg:
+                diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
+                raise TrainError(f"--resume {args.resume}: its config differs from this run's (checkpoint, now): {diff}")
+            contract = resume_ckpt.get("feature_contract")
+            if contract is not None and contract != data.spec.to_dict():
+                raise TrainError(f"--resume {args.resume}: trained on a different feature contract "
+                                 f"({contract}) than this data ({data.spec.to_dict()})")
+
+        train_set = MomentDataset(load_annotations(data.train_file), data.root, data.spec, dataset=data.dataset,
+                                  load_labels=True, max_windows=cfg.max_windows, seed=args.seed)
+        val_ann = load_annotations(data.val_file)
+        val_set = MomentDataset(val_ann, data.root, data.spec, dataset=data.dataset, load_labels=False, seed=args.seed)
+        data.spec.check_config(cfg)
+        train_loader = make_loader(train_set, cfg.bsz, shuffle=True, num_workers=args.num_workers, seed=args.seed,
+                                   device=device, distributed=distributed)
+        val_loader = make_loader(val_set, cfg.bsz, shuffle=False, num_workers=args.num_workers, seed=args.seed,
+                                 device=device)
+
+        model = LDDETR(cfg).to(device)
+        if distributed:
+            model.queue_gather = dist_utils.all_gather_cat
+        criterion = build_criterion(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        state = {"epoch": 0, "best": -math.inf, "best_epoch": None, "history": [], "best_metrics": None}
+        if resume_ckpt is not None:
+            model.load_state_dict(resume_ckpt["model"])
+            res = resume_ckpt["resume"]
+            optimizer.load_state_dict(res["optimizer"])
+            scheduler.load_state_dict(res["scheduler"])
+            scaler.load_state_dict(res["scaler"])
+            state.update(res["state"])
+            _set_rng_state(res["rng"])
+            log.info(f"resumed from {args.resume} after epoch {state['epoch']}")
+
+        run_model: torch.nn.Module = model
+        if distributed:
+            run_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        if args.compile:
+            run_model = torch.compile(run_model, dynamic=True)
+
+        if main_proc:
+            log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
+                     f"device {device}{' x' + str(dist_utils.world_size()) if distributed else ''}; amp {args.amp}; "
+                     f"compile {args.compile}")
+            log.info(f"model: {model.num_parameters():,} trainable parameters; decoder_loops {cfg.decoder_loops}; "
+                     f"{cfg.n_epoch} epochs, batch {cfg.bsz}, lr {cfg.lr}")
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        writer = _tensorboard(out) if main_proc else None
+        eval_dataset = _eval_dataset(data.dataset)
+        first_step_done = False
+
+        for epoch in range(state["epoch"], cfg.n_epoch):
+            model.train()
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            steps = len(train_loader)
+            if args.max_steps_per_epoch:
+                steps = min(steps, args.max_steps_per_epoch)
+            sums: dict[str, float] = {}
+            t_epoch = time.perf_counter()
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.n_epoch}", leave=False,
+                       disable=args.quiet or not main_proc, dynamic_ncols=True)
+            for step, batch in enumerate(train_loader):
+                if step >= steps:
+                    break
+                t0 = time.perf_counter()
+                batch = _to_device(batch, device)
+                alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
+                with _autocast(device, args.amp):
+                    outputs = run_model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"],
+                                        alpha=alpha)
+                outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+                losses = criterion(outputs, batch["targets"])
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    terms = {k: float(v) for k, v in losses.items()}
+                    raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                if not first_step_done:
+                    first_step_done = True
+                    if main_proc:
+                        log.info(f"first step {time.perf_counter() - t0:.1f} s"
+                                 f"{' (includes torch.compile)' if args.compile else ''}")
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.update(1)
+            bar.close()
+            scheduler.step()
+            train_time = time.perf_counter() - t_epoch
+            means = {k: v / max(1, steps) for k, v in sums.items()}
+            state["epoch"] = epoch + 1
+            entry: dict[str, Any] = {"epoch": epoch + 1, "train_time_s": round(train_time, 2),
+                                     "steps_per_s": round(steps / max(train_time, 1e-9), 3),
+                                     "loss": {k: round(v, 5) for k, v in means.items()}}
+            if main_proc:
+                log.info(f"epoch {epoch + 1}: loss {means.get('loss', float('nan')):.4f} "
+                         f"({steps} steps, {steps / max(train_time, 1e-9):.2f} it/s)")
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, epoch + 1)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch + 1)
+
+            last = epoch + 1 == cfg.n_epoch or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
+            if main_proc and ((epoch + 1) % args.eval_every == 0 or last):
+                t_eval = time.perf_counter()
+                records = predict_loader(model, val_loader, device, cfg, data.dataset, args.amp)
+                metrics = evaluate(records, val_ann, dataset=eval_dataset)
+                brief = metrics["brief"]
+                entry["metrics"] = brief
+                entry["eval_time_s"] = round(time.perf_counter() - t_eval, 2)
+                log.info(f"epoch {epoch + 1} val: " + ", ".join(f"{k} {v}" for k, v in brief.items()
+                                                               if k in (BEST_KEY, "MR-full-R1@0.5", "MR-full-R1@0.7", "HL-min-VeryGood-mAP")))
+                if writer is not None:
+                    for k, v in brief.items():
+                        writer.add_scalar(f"val/{k}", v, epoch + 1)
+                score = brief.get(BEST_KEY, -math.inf)
+                if score > state["best"]:
+                    state.update(best=score, best_epoch=epoch + 1, best_metrics=brief)
+                    save_checkpoint(model, out / "best.pt", feature_contract=data.spec.to_dict(), epoch=epoch + 1,
+                                    metrics=brief, dataset=data.dataset)
+                    _write_jsonl_atomic(records, out / "best_val_preds.jsonl")
+                    save_json(metrics, out / "best_val_metrics_full.json")
+                    log.info(f"new best {BEST_KEY} {score} -> {out / 'best.pt'}")
+            state["history"].append(entry)
+            if main_proc:
+                resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict(), "state": state, "rng": _rng_state()}
+                save_checkpoint(model, out / "latest.pt", feature_contract=data.spec.to_dict(), epoch=epoch + 1,
+                                metrics=entry.get("metrics", {}), resume=resume, dataset=data.dataset)
+                save_json({"best_epoch": state["best_epoch"], "best": state["best_metrics"], "history": state["history"]},
+                          out / "metrics.json")
+            dist_utils.barrier()
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        if writer is not None:
+            writer.close()
+        summary = {"best_epoch": state["best_epoch"], "best": state["best_metrics"], "out": str(out)}
+        if main_proc:
+            log.info(f"done: best {BEST_KEY} {state['best']} at epoch {state['best_epoch']}; checkpoint {out / 'best.pt'}")
+        return summary
+    finally:
+        dist_utils.cleanup()
+
+
+def _write_jsonl_atomic(records: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = train(args)
+    except (TrainError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dist_utils.is_main() and summary["best"]:
+        print(json.dumps(summary["best"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
