@@ -44,7 +44,7 @@ def library_versions() -> dict[str, str]:
         ours = version("ld-detr")
     except PackageNotFoundError:
         ours = "unknown"
-    return {"ld_detr": ours, "torch": torch.__version__, "python": platform.python_version()}
+    return {"ld_detr": str(ours), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -44,7 +44,7 @@ import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -376,21 +376,33 @@ def temporal_endpoint_features(length: int) -> np.ndarray:
     return np.stack([st, st + 1.0 / length], axis=1).astype(np.float32)
 
 
-def _read_modality(folder: Path, stems: list[str], key: str, cap: int | None, normalize: bool, expected: int | None,
-                   what: str) -> np.ndarray:
-    arrays, paths = [], []
-    for stem in stems:
-        path = find_feature_file(folder, stem, what)
-        arr = _as_2d(read_array(path, key), path, what)[:cap].astype(np.float32)
-        _check_finite(arr, path, what)
-        arrays.append(arr)
-        paths.append(path)
+def _assemble_modality(arrays: list[np.ndarray], where: str, cap: int | None, normalize: bool,
+                       expected: int | None, what: str) -> np.ndarray:
+    """Truncate to ``cap``, cut parts to the shortest, concatenate channels, check the dim, L2-normalise."""
+    arrays = [_as_2d(a, where, what)[:cap].astype(np.float32) for a in arrays]
+    for a in arrays:
+        _check_finite(a, where, what)
     length = min(a.shape[0] for a in arrays)
     feat = np.concatenate([a[:length] for a in arrays], axis=1) if len(arrays) > 1 else arrays[0]
     if expected is not None and feat.shape[1] != expected:
         got = " + ".join(str(a.shape[1]) for a in arrays)
-        raise DataError(f"{', '.join(map(str, paths))}: {what} has {got} channels, expected {expected}")
+        raise DataError(f"{where}: {what} has {got} channels, expected {expected}")
     return l2_normalize(feat) if normalize else feat
+
+
+def _read_modality(folder: Path, stems: list[str], key: str, cap: int | None, normalize: bool, expected: int | None,
+                   what: str) -> np.ndarray:
+    paths = [find_feature_file(folder, stem, what) for stem in stems]
+    arrays = [read_array(path, key) for path in paths]
+    return _assemble_modality(arrays, ", ".join(map(str, paths)), cap, normalize, expected, what)
+
+
+def _join_video(feats: list[np.ndarray], spec: FeatureSpec) -> np.ndarray:
+    length = min(f.shape[0] for f in feats)
+    video = np.concatenate([f[:length] for f in feats], axis=1)
+    if spec.use_tef:
+        video = np.concatenate([video, temporal_endpoint_features(length)], axis=1)
+    return video.astype(np.float32, copy=False)
 
 
 def read_video_features(root: str | os.PathLike, vid: str, spec: FeatureSpec) -> np.ndarray:
@@ -402,11 +414,33 @@ def read_video_features(root: str | os.PathLike, vid: str, spec: FeatureSpec) ->
         expected = spec.video_dims[i] if spec.video_dims is not None else None
         feats.append(_read_modality(root / vdir, stems, spec.video_key, spec.max_video_len, spec.normalize_video,
                                     expected, f"video features ({vdir}) of vid {vid!r}"))
-    length = min(f.shape[0] for f in feats)
-    video = np.concatenate([f[:length] for f in feats], axis=1)
-    if spec.use_tef:
-        video = np.concatenate([video, temporal_endpoint_features(length)], axis=1)
-    return video.astype(np.float32, copy=False)
+    return _join_video(feats, spec)
+
+
+def prepare_video(video: Any, spec: FeatureSpec, name: str = "video") -> np.ndarray:
+    """Raw in-memory video features -> the model input, exactly as :func:`read_video_features` builds it.
+
+    ``video`` is ``{video_dir: (T, D) array}`` (one entry per ``spec.video_dirs``; TVSum-style multi-part
+    folders take the parts already concatenated), or a single (T, D) array when the spec has one video dir.
+    """
+    if not isinstance(video, Mapping):
+        if len(spec.video_dirs) != 1:
+            raise DataError(f"{name}: pass a dict with one array per video feature folder {spec.video_dirs}")
+        video = {spec.video_dirs[0]: video}
+    missing = [d for d in spec.video_dirs if d not in video]
+    if missing:
+        raise DataError(f"{name}: missing video feature(s) {missing}; expected keys {spec.video_dirs}, got {sorted(video)}")
+    feats = []
+    for i, vdir in enumerate(spec.video_dirs):
+        expected = spec.video_dims[i] if spec.video_dims is not None else None
+        feats.append(_assemble_modality([np.asarray(video[vdir])], name, spec.max_video_len, spec.normalize_video,
+                                        expected, f"video feature {vdir!r}"))
+    return _join_video(feats, spec)
+
+
+def prepare_text(tokens: Any, spec: FeatureSpec, name: str = "query") -> np.ndarray:
+    """Raw in-memory (N, Dt) token features -> the model input (truncated to max_q_l, normalised per token)."""
+    return _assemble_modality([np.asarray(tokens)], name, spec.max_q_l, spec.normalize_text, spec.text_dim, "text features")
 
 
 def read_audio_features(root: str | os.PathLike, vid: str, spec: FeatureSpec) -> np.ndarray:

@@ -93,7 +93,10 @@ class Predictor:
 # ---------------------------------------------------------------------------------------------------
 def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Path) -> None:
     """One PNG: saliency curve, top predicted windows, ground-truth windows when known."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'ld-detr[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

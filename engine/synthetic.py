@@ -20,7 +20,7 @@ The signal (one query per video; videos of ``min_clips..max_clips`` clips of ``c
 * Each query draws a concept k. Clips inside its windows have latent ``s_t * c_k`` with
   ``s_t = 0.8 + 0.6 * (1 - d_t)`` (``d_t`` = distance to the window centre / half width, so the centre is
   strongest); clips outside are either plain background (latent 0) or belong to 2-6-clip distractor runs of
-  other concepts at strength 0.5. Window boundaries are sharp: a clip is in or out.
+  other concepts at strength 0.25. Window boundaries are sharp: a clip is in or out.
 * Every clip also gets a per-video "scene" vector (strength 0.5) and Gaussian noise (std 0.1 per channel,
   drawn separately for each modality); files are stored at a random overall scale (the loader normalises).
 * Query tokens (4-16) are noisy copies of ``c_k`` (std 0.15), mixed with a few "function word" vectors
@@ -45,20 +45,20 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 VID_PREFIX = "syn"
 #: n_train is a multiple of the usual batch sizes (16/32/64), so every training batch is full.
 DEFAULTS: dict[str, Any] = dict(
     n_train=2048, n_val=300, seed=0, slowfast_dim=64, clip_dim=32, text_dim=32, clip_length=2.0,
-    min_clips=20, max_clips=40, n_concepts=32,
+    min_clips=16, max_clips=28, n_concepts=32,
 )
 _SPLITS = {"train": 0, "val": 1}
 _QID_OFFSET = {"train": 0, "val": 1_000_000}
 _N_FUNCTION_WORDS = 8
 _NOISE = 0.1
 _SCENE = 0.5
-_DISTRACTOR = 0.5
+_DISTRACTOR = 0.25
 _TOKEN_NOISE = 0.15
 
 

@@ -52,7 +52,7 @@ BEST_KEY = "MR-full-mAP"
 #: The built-in job: a small-but-real LD-DETR (every component, fewer layers) on the synthetic set.
 SYNTHETIC_OVERRIDES = dict(
     num_v2t_encoder_layers=1, num_encoder1_layers=1, num_convolutional_blocks=2, num_encoder2_layers=1,
-    queue_length=1024, lr=5e-4, n_epoch=12, bsz=32,
+    queue_length=1024, lr=5e-4, n_epoch=8, bsz=32,
 )
 
 
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--debug-dump-queue", action="store_true", help=argparse.SUPPRESS)  # tests: per-rank queue
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -300,9 +301,11 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                                  f"({contract}) than this data ({data.spec.to_dict()})")
 
         train_set = MomentDataset(load_annotations(data.train_file), data.root, data.spec, dataset=data.dataset,
-                                  load_labels=True, max_windows=cfg.max_windows, seed=args.seed)
+                                  load_labels=True, max_windows=cfg.max_windows, seed=args.seed,
+                                  cache=data.dataset == "synthetic")
         val_ann = load_annotations(data.val_file)
-        val_set = MomentDataset(val_ann, data.root, data.spec, dataset=data.dataset, load_labels=False, seed=args.seed)
+        val_set = MomentDataset(val_ann, data.root, data.spec, dataset=data.dataset, load_labels=False, seed=args.seed,
+                                cache=data.dataset == "synthetic")
         data.spec.check_config(cfg)
         train_loader = make_loader(train_set, cfg.bsz, shuffle=True, num_workers=args.num_workers, seed=args.seed,
                                    device=device, distributed=distributed)
@@ -380,18 +383,19 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 scaler.step(optimizer)
                 scaler.update()
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + v.detach()
                 if not first_step_done:
                     first_step_done = True
                     if main_proc:
                         log.info(f"first step {time.perf_counter() - t0:.1f} s"
                                  f"{' (includes torch.compile)' if args.compile else ''}")
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                if step % 10 == 0 or step + 1 == steps:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 bar.update(1)
             bar.close()
             scheduler.step()
             train_time = time.perf_counter() - t_epoch
-            means = {k: v / max(1, steps) for k, v in sums.items()}
+            means = {k: float(v) / max(1, steps) for k, v in sums.items()}
             state["epoch"] = epoch + 1
             entry: dict[str, Any] = {"epoch": epoch + 1, "train_time_s": round(train_time, 2),
                                      "steps_per_s": round(steps / max(train_time, 1e-9), 3),
@@ -438,6 +442,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 break
         if writer is not None:
             writer.close()
+        if args.debug_dump_queue:
+            torch.save(model.distill_align.vid_queue.cpu(), out / f"queue_rank{dist_utils.rank()}.pt")
         summary = {"best_epoch": state["best_epoch"], "best": state["best_metrics"], "out": str(out)}
         if main_proc:
             log.info(f"done: best {BEST_KEY} {state['best']} at epoch {state['best_epoch']}; checkpoint {out / 'best.pt'}")

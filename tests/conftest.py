@@ -45,3 +45,13 @@ def random_batch(cfg: LDDETRConfig, lengths, text_lengths, pad_value: str = "noi
         video = video * vmask[..., None]
         text = text * tmask[..., None]
     return video, vmask, text, tmask
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in the real on-disk layout (shared by the engine tests)."""
+    from engine.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_synthetic")
+    make_synthetic_dataset(root, n_train=16, n_val=8, min_clips=8, max_clips=12)
+    return root
