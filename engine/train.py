@@ -52,7 +52,7 @@ BEST_KEY = "MR-full-mAP"
 #: The built-in job: a small-but-real LD-DETR (every component, fewer layers) on the synthetic set.
 SYNTHETIC_OVERRIDES = dict(
     num_v2t_encoder_layers=1, num_encoder1_layers=1, num_convolutional_blocks=2, num_encoder2_layers=1,
-    queue_length=1024, lr=5e-4, n_epoch=8, bsz=32,
+    dim_feedforward=512, queue_length=1024, lr=5e-4, n_epoch=10, bsz=32,
 )
 
 

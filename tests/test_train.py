@@ -159,3 +159,23 @@ def test_predict_refuses_mismatched_features(trained, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_amp_bf16_training_runs(tiny_synthetic, tmp_path):
+    out = tmp_path / "amp"
+    summary = train(build_parser().parse_args([
+        "--data-root", str(tiny_synthetic), "--dataset", "synthetic", "--out", str(out), "--epochs", "1",
+        "--amp", "bf16", "--max-steps-per-epoch", "2", *TINY]))
+    assert summary["best"] is not None and (out / "best.pt").is_file()
+
+
+def test_compile_training_runs_and_logs_compile_time(tiny_synthetic, tmp_path):
+    """--compile: torch.compile(dynamic=True) of the training forward; the first (compiling) step is logged
+    apart from the steady-state throughput."""
+    out = tmp_path / "compiled"
+    summary = train(build_parser().parse_args([
+        "--data-root", str(tiny_synthetic), "--dataset", "synthetic", "--out", str(out), "--epochs", "1",
+        "--compile", "--max-steps-per-epoch", "2", *TINY]))
+    assert summary["best"] is not None
+    log_text = (out / "train.log").read_text()
+    assert "includes torch.compile" in log_text and "it/s" in log_text
