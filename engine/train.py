@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=Path("runs/ld_detr"), help="output folder")
     r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (CPU inductor or CUDA)")
+    r.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
@@ -336,7 +338,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             run_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if args.compile:
-            run_model = torch.compile(run_model, dynamic=True)
+            run_model = torch.compile(run_model, dynamic=True, backend=args.compile_backend)
 
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
