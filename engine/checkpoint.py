@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import torch
 
 from reference import LDDETR, LDDETRConfig
+
+from .atomic import atomic_open
 
 FORMAT = "ld-detr-checkpoint"
 FORMAT_VERSION = 1
@@ -48,20 +49,9 @@ def library_versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, atomically (see :mod:`engine.atomic`)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(model: LDDETR, path: str | os.PathLike, *, feature_contract: dict | None = None,

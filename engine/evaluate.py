@@ -48,11 +48,12 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .atomic import save_json  # noqa: F401  (re-exported: engine.evaluate.save_json)
 
 __all__ = [
     "DATASETS", "VARIANTS", "load_jsonl", "save_json", "evaluate", "evaluate_qvhighlights",
@@ -102,23 +103,6 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     return records
-
-
-def save_json(obj: Any, path: str | os.PathLike, indent: int = 4) -> None:
-    """Write ``obj`` as JSON atomically: temp file in the same directory, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=indent))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------- input checking

@@ -29,6 +29,7 @@ import torch
 
 from reference import LDDETR, validate_inputs
 
+from .atomic import atomic_open, save_jsonl
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, FeatureSpec, MomentDataset, load_annotations, make_loader, prepare_text, prepare_video
 from .evaluate import evaluate
@@ -116,10 +117,9 @@ def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Pat
     ax.set_title(f"qid {record['qid']}: {str(record.get('query', ''))[:90]}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _find_split(root: Path, split: str) -> Path:
@@ -153,11 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = predict_loader(predictor.model, loader, predictor.device, predictor.model.cfg, predictor.dataset,
                                  progress=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, args.out)
+        save_jsonl(records, args.out)
         print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
         has_gt = all(a.get("relevant_windows") for a in ann)
         if has_gt:

@@ -41,7 +41,8 @@ from reference.losses import build_criterion
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap
 from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
-from .evaluate import evaluate, save_json
+from .atomic import save_json, save_jsonl
+from .evaluate import evaluate
 from .postprocess import to_records
 
 log = logging.getLogger("ld_detr.train")
@@ -346,7 +347,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                      f"compile {args.compile}")
             log.info(f"model: {model.num_parameters():,} trainable parameters; decoder_loops {cfg.decoder_loops}; "
                      f"{cfg.n_epoch} epochs, batch {cfg.bsz}, lr {cfg.lr}")
-            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            save_json(cfg.to_dict(), out / "config.json", indent=2)
         writer = _tensorboard(out) if main_proc else None
         eval_dataset = _eval_dataset(data.dataset)
         first_step_done = False
@@ -428,7 +429,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                     state.update(best=score, best_epoch=epoch + 1, best_metrics=brief)
                     save_checkpoint(model, out / "best.pt", feature_contract=data.spec.to_dict(), epoch=epoch + 1,
                                     metrics=brief, dataset=data.dataset)
-                    _write_jsonl_atomic(records, out / "best_val_preds.jsonl")
+                    save_jsonl(records, out / "best_val_preds.jsonl")
                     save_json(metrics, out / "best_val_metrics_full.json")
                     log.info(f"new best {BEST_KEY} {score} -> {out / 'best.pt'}")
             state["history"].append(entry)
@@ -452,14 +453,6 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         return summary
     finally:
         dist_utils.cleanup()
-
-
-def _write_jsonl_atomic(records: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
