@@ -115,7 +115,7 @@ def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Pat
             ax.axvspan(st, ed, ymin=0.0, ymax=0.08, color="tab:green", label="ground truth" if j == 0 else None)
     ax.set_xlabel("time (s)")
     ax.set_title(f"qid {record['qid']}: {str(record.get('query', ''))[:90]}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best", framealpha=0.6)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")
