@@ -54,7 +54,7 @@ BEST_KEY_BY_DATASET = {"tvsum": "HL-Top5-mAP"}  # TVSum has no moment labels: se
 #: The built-in job: a small-but-real LD-DETR (every component, fewer layers) on the synthetic set.
 SYNTHETIC_OVERRIDES = dict(
     num_v2t_encoder_layers=1, num_encoder1_layers=1, num_convolutional_blocks=2, num_encoder2_layers=1,
-    dim_feedforward=512, queue_length=1024, lr=5e-4, n_epoch=10, bsz=32,
+    dim_feedforward=512, queue_length=1024, lr=5e-4, n_epoch=9, bsz=32,
 )
 
 

@@ -183,3 +183,35 @@ def test_compile_training_runs_and_logs_compile_time(tiny_synthetic, tmp_path, b
     assert summary["best"] is not None
     log_text = (out / "train.log").read_text()
     assert "includes torch.compile" in log_text and "it/s" in log_text
+
+
+def test_tvsum_layout_trains_and_selects_on_highlight_map(tmp_path):
+    """TVSum features (video_features/{vid}_rgb.npy + _opt.npy, query_features/{qid}.npz 'token'), no moment
+    labels: training runs and keeps the best epoch by HL-Top5-mAP."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tvsum"
+    (root / "video_features").mkdir(parents=True)
+    (root / "query_features").mkdir()
+    domains = ["BK", "BT"]
+    for split, n in (("train", 4), ("val", 2)):
+        rows = []
+        for i in range(n):
+            vid = f"{split}{i}"
+            t = 10 + i
+            np.save(root / "video_features" / f"{vid}_rgb.npy", rng.normal(size=(t, 8)).astype(np.float32))
+            np.save(root / "video_features" / f"{vid}_opt.npy", rng.normal(size=(t, 8)).astype(np.float32))
+            np.savez(root / "query_features" / f"{vid}.npz", token=rng.normal(size=(5, 12)).astype(np.float32))
+            label = rng.integers(1, 6, size=(t, 20)).astype(float).tolist()
+            rows.append({"qid": vid, "query": f"video {vid}", "duration": t, "vid": vid, "relevant_clip_ids": None,
+                         "relevant_windows": None, "label": label, "domain": domains[i % 2]})
+        (root / f"tvsum_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    summary = train(build_parser().parse_args([
+        "--dataset", "tvsum", "--data-root", str(root), "--train-file", str(root / "tvsum_train.jsonl"),
+        "--val-file", str(root / "tvsum_val.jsonl"), "--out", str(out), "--epochs", "1", "--set", "queue_length=16",
+        "--batch-size", "2", "--quiet"]))
+    assert "HL-Top5-mAP" in summary["best"]
+    model, meta = load_checkpoint(out / "best.pt")
+    assert model.cfg.v_feat_dim == 8 + 8 + 2 and model.cfg.t_feat_dim == 12
