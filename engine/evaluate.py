@@ -48,7 +48,6 @@ import difflib
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

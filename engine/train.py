@@ -39,7 +39,7 @@ from reference import LDDETR, LDDETRConfig, warmup_alpha
 from reference.losses import build_criterion
 
 from . import distributed as dist_utils
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint, unwrap
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
 from .atomic import save_json, save_jsonl
 from .evaluate import evaluate
