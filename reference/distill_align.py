@@ -64,6 +64,10 @@ class DistillAlign(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
+        return self.align_loss(gv, gt, gv_m, gt_m, alpha), self.sim_loss(gv, gt)
+
+    def align_loss(self, gv: Tensor, gt: Tensor, gv_m: Tensor, gt_m: Tensor, alpha: float) -> Tensor:
+        """loss_align (spec §2.3 steps 3-5): soft-target cross-entropy against [momentum batch | queue]."""
         with torch.no_grad():
             txt_bank = torch.cat([gt_m.t(), self.txt_queue.clone()], dim=1)  # (d, B+K)
             vid_bank = torch.cat([gv_m.t(), self.vid_queue.clone()], dim=1)  # (d, B+K)
@@ -75,11 +79,12 @@ class DistillAlign(nn.Module):
         s_t2v = gt @ vid_bank / self.temp
         loss_v2t = -(F.log_softmax(s_v2t, dim=1) * y_v2t).sum(1).mean()
         loss_t2v = -(F.log_softmax(s_t2v, dim=1) * y_t2v).sum(1).mean()
-        loss_align = (loss_v2t + loss_t2v) / 2
+        return (loss_v2t + loss_t2v) / 2
 
+    def sim_loss(self, gv: Tensor, gt: Tensor) -> Tensor:
+        """loss_sim (spec §2.3 step 7): SimSiam-like, shared predictor h, no stop-gradient."""
         p_v, p_t = self.h(gv.relu()), self.h(gt.relu())
-        loss_sim = -(F.cosine_similarity(p_v, gt, dim=-1).mean() + F.cosine_similarity(p_t, gv, dim=-1).mean()) / 2
-        return loss_align, loss_sim
+        return -(F.cosine_similarity(p_v, gt, dim=-1).mean() + F.cosine_similarity(p_t, gv, dim=-1).mean()) / 2
 
     @torch.no_grad()
     def enqueue(self, gv_m: Tensor, gt_m: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> None:

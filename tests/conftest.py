@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (kernels/ tests)
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels in the CPU interpreter; must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from reference import LDDETRConfig
 
@@ -19,6 +20,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh_seed() -> int:
+    """A new seed per run (kernel parity must hold on any input), printed so a failure can be replayed
+    with ``LDDETR_TEST_SEED=<seed>``."""
+    seed = int(os.environ.get("LDDETR_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    torch.manual_seed(seed)
+    print(f"LDDETR_TEST_SEED={seed}")
+    return seed
 
 
 @pytest.fixture

@@ -1,0 +1,96 @@
+"""Shared launch helpers: backend resolution, input checks, dot precision (Liger ``ops/utils.py`` style).
+
+Everything that decides *how* a kernel is launched lives here, so a bad input gets one clear error that
+names the tensor, the value and the limit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "triton", "torch")
+PRECISIONS = ("auto", "ieee", "tf32")
+ENV_BACKEND = "LDDETR_KERNELS"
+
+
+class KernelInputError(ValueError):
+    """An input the Triton kernels cannot take (wrong dtype, layout, size or device)."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" | "triton" | "torch" -> "triton" | "torch" for tensors on ``device``.
+
+    "auto" is Triton on CUDA and torch otherwise; ``LDDETR_KERNELS=torch|triton`` overrides "auto".
+    Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (set before triton is imported).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip().lower()
+        if env:
+            if env not in ("torch", "triton"):
+                raise ValueError(f"{ENV_BACKEND} must be 'torch' or 'triton', got {env!r}")
+            backend = env
+        else:
+            return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise KernelInputError("backend 'triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not interpreting():
+            raise KernelInputError(
+                f"backend 'triton' on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='torch'"
+            )
+    return backend
+
+
+def check_tensor(name: str, t: Tensor, *, ndim: int, dtypes: tuple[torch.dtype, ...],
+                 contiguous: bool = True) -> None:
+    """Raise KernelInputError unless ``t`` has ``ndim`` dims, one of ``dtypes``, and (optionally) is contiguous."""
+    if not isinstance(t, Tensor):
+        raise KernelInputError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise KernelInputError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise KernelInputError(f"{name} dtype must be one of ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if contiguous and not t.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                               "call .contiguous() first")
+
+
+def check_hidden_dim(name: str, d: int, *, multiple: int = 16, maximum: int = 512) -> None:
+    if d % multiple != 0 or d > maximum or d <= 0:
+        raise KernelInputError(f"{name}: hidden size must be a positive multiple of {multiple} and <= {maximum}, "
+                               f"got {d}")
+
+
+def dot_precision(precision: str) -> str:
+    """The ``tl.dot`` input precision for fp32 operands: "ieee" (parity) or "tf32" (fast).
+
+    "auto" follows torch: "ieee" when ``torch.get_float32_matmul_precision() == "highest"`` (the default),
+    else "tf32".
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return precision
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

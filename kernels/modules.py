@@ -1,0 +1,76 @@
+"""Kernel-backed versions of reference modules, swapped in place by :func:`kernels.apply`.
+
+Each class subclasses the reference module and keeps its parameters and buffers untouched (same names,
+same state_dict); only ``forward`` (or one method of it) changes. The torch path is the reference
+module's own code, so ``backend="torch"`` is exactly the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reference.conv_blocks import ConvolutionalBlocks
+from reference.distill_align import DistillAlign
+
+from ._utils import resolve_backend
+
+
+def _needs_grad(module: torch.nn.Module, *inputs: Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
+
+
+class TritonConvolutionalBlocks(ConvolutionalBlocks):
+    """Conv blocks with the fused inference kernel (``kernels.conv_block``).
+
+    The kernel runs in eval mode when no gradient is needed (``torch.no_grad()`` / ``inference_mode``), on
+    BN-folded weights that are computed once and refolded only when a parameter or BN statistic changes.
+    Train mode, or eval with gradients, runs the reference torch ops (BN batch statistics; autograd).
+    """
+
+    kernel_backend: str = "auto"
+    kernel_precision: str = "auto"
+
+    def forward(self, x: Tensor, vid_mask: Tensor) -> Tensor:
+        """x (L, B, d) sequence-first, vid_mask (B, L) bool -> (L, B, d)."""
+        if self.training or _needs_grad(self, x) or resolve_backend(self.kernel_backend, x.device) == "torch":
+            return super().forward(x, vid_mask)
+        from .conv_block import residual_block_stack
+
+        mask = vid_mask if vid_mask.dtype == torch.bool else vid_mask != 0
+        return residual_block_stack(x.contiguous(), mask.contiguous(), self.folded(x.dtype, x.device),
+                                    seq_first=True, precision=self.kernel_precision)
+
+    def folded(self, dtype: torch.dtype, device: torch.device) -> list:
+        """BN-folded weights for the kernel, cached per (dtype, device) and tensor versions."""
+        from .conv_block import fold_block
+
+        tensors = list(self.parameters()) + list(self.buffers())
+        key = (dtype, device, tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
+        cache = self.__dict__.setdefault("_folded_cache", {})
+        if cache.get("key") != key:
+            with torch.no_grad():
+                cache["blocks"] = [fold_block(b, dtype, device) for b in self.blocks]
+            cache["key"] = key
+        return cache["blocks"]
+
+
+class TritonDistillAlign(DistillAlign):
+    """Distill Align whose loss_align streams each queue once through the fused Triton kernel
+    (``kernels.queue_loss``); loss_sim, the temperature clamp and the enqueue stay the reference's."""
+
+    kernel_backend: str = "auto"
+    kernel_precision: str = "auto"
+
+    def align_loss(self, gv: Tensor, gt: Tensor, gv_m: Tensor, gt_m: Tensor, alpha: float) -> Tensor:
+        if resolve_backend(self.kernel_backend, gv.device) == "torch":
+            return super().align_loss(gv, gt, gv_m, gt_m, alpha)
+        from .queue_loss import distill_align_loss
+
+        return distill_align_loss(gv, gt, gv_m, gt_m, self.txt_queue, self.vid_queue, self.temp, alpha,
+                                  precision=self.kernel_precision)
+
+
+SWAPS = {ConvolutionalBlocks: TritonConvolutionalBlocks, DistillAlign: TritonDistillAlign}
