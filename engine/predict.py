@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+import kernels
 from reference import LDDETR, validate_inputs
 
 from .atomic import atomic_open, save_jsonl
@@ -40,21 +41,23 @@ class Predictor:
     """A loaded model plus its feature contract, ready for raw features."""
 
     def __init__(self, model: LDDETR, spec: FeatureSpec, dataset: str = "qvhighlights",
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, kernels_backend: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
+        self.model = kernels.apply(model.to(self.device).eval(), kernels_backend)
         self.spec = spec
         self.dataset = dataset
         spec.check_config(model.cfg)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        kernels_backend: str = "auto") -> "Predictor":
         model, meta = load_checkpoint(path)
         contract = meta.get("feature_contract")
         if contract is None:
             raise CheckpointError(f"{path}: checkpoint has no feature contract; cannot prepare raw features")
         dataset = (meta.get("meta") or {}).get("dataset", "qvhighlights")
-        return cls(model, FeatureSpec.from_dict(contract), dataset=dataset, device=device)
+        return cls(model, FeatureSpec.from_dict(contract), dataset=dataset, device=device,
+                   kernels_backend=kernels_backend)
 
     @torch.no_grad()
     def predict(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
@@ -139,11 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output jsonl (official submission format)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
+                   help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
     p.add_argument("--plot", type=Path, default=None, help="write one PNG per query into this folder")
     p.add_argument("--max-plots", type=int, default=50, help="at most this many PNGs")
     args = p.parse_args(argv)
     try:
-        predictor = Predictor.from_checkpoint(args.ckpt, device=args.device)
+        predictor = Predictor.from_checkpoint(args.ckpt, device=args.device, kernels_backend=args.kernels)
         ann_file = args.ann or _find_split(args.data_root, args.split)
         ann = load_annotations(ann_file)
         ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)

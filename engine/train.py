@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import kernels
 from reference import LDDETR, LDDETRConfig, warmup_alpha
 from reference.losses import build_criterion
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    r.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
+                   help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
@@ -246,6 +249,7 @@ def _autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LDDETRConfig, dataset: str,
                    amp: str = "off", progress: bool = False) -> list[dict]:
     """Run ``model`` (eval mode) over a loader and return official submission records."""
@@ -316,7 +320,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         val_loader = make_loader(val_set, cfg.bsz, shuffle=False, num_workers=args.num_workers, seed=args.seed,
                                  device=device)
 
-        model = LDDETR(cfg).to(device)
+        model = kernels.apply(LDDETR(cfg).to(device), args.kernels)
         if distributed:
             model.queue_gather = dist_utils.all_gather_cat
         criterion = build_criterion(cfg)
@@ -345,7 +349,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
                      f"device {device}{' x' + str(dist_utils.world_size()) if distributed else ''}; amp {args.amp}; "
-                     f"compile {args.compile}")
+                     f"compile {args.compile}; kernels {args.kernels} -> "
+                     f"{kernels.resolve_backend(args.kernels, device)}")
             log.info(f"model: {model.num_parameters():,} trainable parameters; decoder_loops {cfg.decoder_loops}; "
                      f"{cfg.n_epoch} epochs, batch {cfg.bsz}, lr {cfg.lr}")
             save_json(cfg.to_dict(), out / "config.json", indent=2)

@@ -1,0 +1,249 @@
+"""One GPU run for the Triton kernels (issue #4): ceilings, parity against fp64, then the benchmarks.
+
+    PYTHONUNBUFFERED=1 python -m bench.gpu_kernels --out bench/results   # ~3-4 min on an H100/H200
+
+1. Header: card, clocks, versions, commit.
+2. Ceilings measured in the same run: device-to-device copy bandwidth (read + write bytes) and an
+   8192^3 bf16 GEMM on random data.
+3. Parity on fresh random inputs (never zeros), outputs poisoned with NaN: the conv stack in every mode
+   and the queue kernels (similarity, loss, gradients) against float64 torch.
+4. Timing with ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, median and
+   p20/p80), candidates and baselines alternating over rounds in one process; the B=1 conv stack is also
+   timed by CUDA-graph replay (GPU time without launch overhead). Ratios are per round, then the median.
+Writes ``gpu_kernels_<card>_<date>.json`` and ``.md`` into --out; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def sh(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return f"({e})"
+
+
+def header() -> dict:
+    import triton
+
+    return dict(
+        card=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+        commit=sh("git rev-parse --short HEAD") or os.environ.get("GIT_COMMIT", "?"),
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        nvidia_smi=sh("nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu,driver_version "
+                      "--format=csv,noheader"),
+    )
+
+
+def bench(fn, graph: bool = False) -> dict:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if graph:
+        ms = do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+    else:
+        ms = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return dict(median_us=ms[0] * 1e3, p20_us=ms[1] * 1e3, p80_us=ms[2] * 1e3)
+
+
+def ceilings() -> dict:
+    n = 1 << 28  # 1 GiB of fp32
+    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    copy_t = bench(lambda: dst.copy_(src))["median_us"]
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_t = bench(lambda: a @ b)["median_us"]
+    return dict(copy_GBps=2 * n * 4 / copy_t / 1e3, gemm_bf16_TFLOPs=2 * 8192**3 / gemm_t / 1e6)
+
+
+def rel(a, ref) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def parity_conv() -> list[dict]:
+    from bench.kernel_cases import random_bn_blocks
+    from kernels.conv_block import fold_block, residual_block
+
+    rows = []
+    for batch, length in ((1, 75), (3, 61), (32, 75)):
+        m = random_bn_blocks(256, 5, "cuda")
+        x = torch.randn(length, batch, 256, device="cuda")
+        mask = torch.arange(length, device="cuda")[None] < torch.randint(length // 2, length + 1, (batch, 1), device="cuda")
+        with torch.no_grad():
+            ref = copy.deepcopy(m).double()(x.double(), mask)
+            for mode, dtype, prec, tol in (("fp32_ieee", torch.float32, "ieee", 1e-5), ("fp32_tf32", torch.float32, "tf32", 5e-4),
+                                           ("bf16", torch.bfloat16, "auto", 1e-2), ("fp16", torch.float16, "auto", 1e-2)):
+                y = x.to(dtype)
+                for blk in m.blocks:
+                    out = torch.full_like(y, float("nan"))
+                    y = residual_block(y, mask, fold_block(blk, dtype), precision=prec, out=out)
+                torch.cuda.synchronize()
+                err = rel(y, ref)
+                rows.append(dict(kernel="conv_stack", shape=f"B{batch} T{length} d256", mode=mode, rel_err=err, tol=tol,
+                                 nan=bool(y.isnan().any()), ok=err <= tol and not y.isnan().any()))
+    return rows
+
+
+def parity_queue() -> list[dict]:
+    from kernels.queue_loss import distill_align_loss, queue_similarity
+    from reference.distill_align import DistillAlign
+
+    rows = []
+    b, L, d, alpha = 32, 65536, 256, 0.4
+    da = DistillAlign(d, L).cuda()
+    da64 = copy.deepcopy(da).double()
+    feats = [F.normalize(torch.randn(b, d, device="cuda"), dim=-1) for _ in range(4)]
+    q = torch.randn(b, d, device="cuda")
+    s_ref = F.normalize(q.double(), dim=-1) @ da64.vid_queue / da64.temp
+    g64 = [f.double().requires_grad_(i < 2) for i, f in enumerate(feats)]
+    loss64 = da64.align_loss(*g64, alpha)
+    loss64.backward()
+    for prec, tol in (("ieee", 1e-5), ("tf32", 5e-4)):
+        with torch.no_grad():
+            s = queue_similarity(q, da.vid_queue, da.temp, precision=prec)
+        err = rel(s, s_ref.detach())
+        rows.append(dict(kernel="queue_similarity", shape=f"b{b} L{L} d{d}", mode=prec, rel_err=err, tol=tol,
+                         nan=bool(s.isnan().any()), ok=err <= tol))
+        g = [f.clone().requires_grad_(i < 2) for i, f in enumerate(feats)]
+        da.temp.grad = None
+        loss = distill_align_loss(*g, da.txt_queue, da.vid_queue, da.temp, alpha, precision=prec)
+        loss.backward()
+        errs = dict(loss=rel(loss.detach(), loss64.detach()), d_gv=rel(g[0].grad, g64[0].grad),
+                    d_gt=rel(g[1].grad, g64[1].grad), d_temp=rel(da.temp.grad, da64.temp.grad))
+        ltol = 1e-4 if prec == "ieee" else 1e-3
+        for k, e in errs.items():
+            rows.append(dict(kernel="distill_align_loss", shape=f"b{b} L{L} d{d}", mode=f"{prec} {k}", rel_err=e,
+                             tol=ltol, nan=False, ok=e <= ltol))
+    return rows
+
+
+def time_case(case, rounds: int = 3, baseline: str | None = None, graph: bool = False) -> list[dict]:
+    """Every provider of a case, alternating over ``rounds``; per-round ratios against ``baseline``."""
+    for fn in case.fns.values():  # compile / warm up everything first
+        fn()
+    torch.cuda.synchronize()
+    times = {k: [] for k in case.fns}
+    for _ in range(rounds):
+        for k, fn in case.fns.items():
+            times[k].append(bench(fn, graph=graph))
+    rows = []
+    for k, ts in times.items():
+        med = statistics.median(t["median_us"] for t in ts)
+        row = dict(case=case.name + ("_graph" if graph else ""), provider=k, median_us=med,
+                   p20_us=statistics.median(t["p20_us"] for t in ts), p80_us=statistics.median(t["p80_us"] for t in ts),
+                   rounds=[round(t["median_us"], 2) for t in ts], GBps=case.bytes.get(k, 0) / med / 1e3)
+        if baseline and baseline in times:
+            ratios = [b["median_us"] / t["median_us"] for b, t in zip(times[baseline], ts)]
+            row.update(speedup_vs=baseline, speedup=statistics.median(ratios), speedup_min=min(ratios),
+                       speedup_max=max(ratios))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the conv stack")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.gpu_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from bench.kernel_cases import conv_stack_case
+
+    t0 = time.time()
+    res = dict(header=header(), errors=[])
+    print(json.dumps(res["header"], indent=1))
+    res["ceilings"] = ceilings()
+    print("ceilings", res["ceilings"])
+    res["parity"], res["timing"] = [], []
+    for name, fn in (("parity_conv", parity_conv), ("parity_queue", parity_queue)):
+        try:
+            res["parity"] += fn()
+        except Exception:  # noqa: BLE001 - record and continue: one failure must not lose the other results
+            res["errors"].append(f"{name}: {traceback.format_exc()}")
+            print(res["errors"][-1])
+    for r in res["parity"]:
+        print(f"parity {r['kernel']:<20} {r['shape']:<16} {r['mode']:<14} rel {r['rel_err']:.2e} tol {r['tol']:.0e} "
+              f"{'ok' if r['ok'] else 'FAIL'}")
+    jobs = []
+    for batch in (1, 32, 256):
+        providers = ("reference", "reference_bf16", "torch_folded", "triton_ieee", "triton_tf32", "triton_bf16")
+        jobs.append((f"conv B{batch}", lambda b=batch, pr=providers: time_case(
+            conv_stack_case(b, providers=pr, compile_mode=None if args.no_compile else "default"),
+            args.rounds, baseline="reference")))
+    jobs.append(("conv B1 graph", lambda: time_case(conv_stack_case(1, providers=("reference", "torch_folded", "triton_tf32",
+                                                                                  "triton_bf16")),
+                                                    args.rounds, baseline="reference", graph=True)))
+    jobs.append(("queue", lambda: _queue_rows(args.rounds)))
+    for name, job in jobs:
+        t = time.time()
+        try:
+            res["timing"] += job()
+        except Exception:  # noqa: BLE001
+            res["errors"].append(f"{name}: {traceback.format_exc()}")
+            print(res["errors"][-1])
+        print(f"[{name}] {time.time() - t:.1f}s", flush=True)
+    res["wall_s"] = time.time() - t0
+    write(res, args.out)
+    return 1 if res["errors"] or not all(r["ok"] for r in res["parity"]) else 0
+
+
+def _queue_rows(rounds: int) -> list[dict]:
+    from bench.kernel_cases import queue_case
+
+    case = queue_case()
+    rows = []
+    for prefix in ("similarity", "loss_fwd_", "loss_fwdbwd"):
+        sub = copy.copy(case)
+        sub.fns = {k: v for k, v in case.fns.items() if k.startswith(prefix)}
+        base = [k for k in sub.fns if k.endswith("torch")][0]
+        rows += time_case(sub, rounds, baseline=base)
+    return rows
+
+
+def write(res: dict, out: Path) -> None:
+    h, c = res["header"], res["ceilings"]
+    card = h["card"].replace(" ", "_")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Triton kernels on {h['card']} — {h['date']}, commit {h['commit']}",
+             f"torch {h['torch']}, triton {h['triton']}, CUDA {h['cuda']}; nvidia-smi: {h['nvidia_smi']}",
+             f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read+write), "
+             f"bf16 GEMM {c['gemm_bf16_TFLOPs']:.0f} TFLOP/s.", "",
+             "| case | provider | median µs | p20–p80 µs | GB/s | % copy BW | speed-up (min–max) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["timing"]:
+        sp = f"{r['speedup']:.2f}× ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) vs {r['speedup_vs']}" if "speedup" in r else ""
+        lines.append(f"| {r['case']} | {r['provider']} | {r['median_us']:.1f} | {r['p20_us']:.1f}–{r['p80_us']:.1f} | "
+                     f"{r['GBps']:.0f} | {100 * r['GBps'] / c['copy_GBps']:.0f} % | {sp} |")
+    lines += ["", "| parity | shape | mode | rel. error vs fp64 | tolerance | ok |", "|---|---|---|---|---|---|"]
+    for r in res["parity"]:
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['rel_err']:.2e} | {r['tol']:.0e} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    if res["errors"]:
+        lines += ["", "Errors:", ""] + [f"    {e.splitlines()[-1]}" for e in res["errors"]]
+    base = out / f"gpu_kernels_{card}_{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
