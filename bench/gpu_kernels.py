@@ -38,11 +38,13 @@ def sh(cmd: str) -> str:
         return f"({e})"
 
 
-def header() -> dict:
+def header(device: str) -> dict:
     import triton
 
+    cuda = device == "cuda"
     return dict(
-        card=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
+        card=torch.cuda.get_device_name() if cuda else "cpu-smoke",
+        sms=torch.cuda.get_device_properties(0).multi_processor_count if cuda else 0,
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         commit=sh("git rev-parse --short HEAD") or os.environ.get("GIT_COMMIT", "?"),
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -52,6 +54,13 @@ def header() -> dict:
 
 
 def bench(fn, graph: bool = False) -> dict:
+    if not torch.cuda.is_available():  # --smoke on CPU: checks the script runs, the numbers mean nothing
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e6)
+        return dict(median_us=statistics.median(ts), p20_us=min(ts), p80_us=max(ts))
     from triton.testing import do_bench, do_bench_cudagraph
 
     if graph:
@@ -61,14 +70,19 @@ def bench(fn, graph: bool = False) -> dict:
     return dict(median_us=ms[0] * 1e3, p20_us=ms[1] * 1e3, p80_us=ms[2] * 1e3)
 
 
-def ceilings() -> dict:
-    n = 1 << 28  # 1 GiB of fp32
-    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+def ceilings(device: str, smoke: bool) -> dict:
+    n, g = (1 << 16, 256) if smoke else (1 << 28, 8192)  # 1 GiB of fp32; an 8192^3 GEMM
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     copy_t = bench(lambda: dst.copy_(src))["median_us"]
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(g, g, device=device, dtype=torch.bfloat16)
+    b = torch.randn(g, g, device=device, dtype=torch.bfloat16)
     gemm_t = bench(lambda: a @ b)["median_us"]
-    return dict(copy_GBps=2 * n * 4 / copy_t / 1e3, gemm_bf16_TFLOPs=2 * 8192**3 / gemm_t / 1e6)
+    return dict(copy_GBps=2 * n * 4 / copy_t / 1e3, gemm_bf16_TFLOPs=2 * g**3 / gemm_t / 1e6)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def rel(a, ref) -> float:
@@ -76,53 +90,57 @@ def rel(a, ref) -> float:
     return ((a - ref).norm() / ref.norm()).item()
 
 
-def parity_conv() -> list[dict]:
+def parity_conv(device: str, smoke: bool) -> list[dict]:
+    """fp32 ieee is checked at d=256 only in the CPU tests' small sizes (its d=256 FMA kernel compiles slowly)."""
     from bench.kernel_cases import random_bn_blocks
     from kernels.conv_block import fold_block, residual_block
 
     rows = []
-    for batch, length in ((1, 75), (3, 61), (32, 75)):
-        m = random_bn_blocks(256, 5, "cuda")
-        x = torch.randn(length, batch, 256, device="cuda")
-        mask = torch.arange(length, device="cuda")[None] < torch.randint(length // 2, length + 1, (batch, 1), device="cuda")
+    modes = (("fp32_tf32", torch.float32, "tf32", 5e-4), ("bf16", torch.bfloat16, "auto", 1e-2),
+             ("fp16", torch.float16, "auto", 1e-2))
+    if smoke:
+        modes = (("fp32_ieee", torch.float32, "ieee", 1e-5), ("fp16", torch.float16, "auto", 1e-2))
+    for batch, length in ((1, 75), (3, 61), (32, 75)) if not smoke else ((3, 21),):
+        m = random_bn_blocks(256, 5, device)
+        x = torch.randn(length, batch, 256, device=device)
+        mask = torch.arange(length, device=device)[None] < torch.randint(length // 2, length + 1, (batch, 1), device=device)
         with torch.no_grad():
             ref = copy.deepcopy(m).double()(x.double(), mask)
-            for mode, dtype, prec, tol in (("fp32_ieee", torch.float32, "ieee", 1e-5), ("fp32_tf32", torch.float32, "tf32", 5e-4),
-                                           ("bf16", torch.bfloat16, "auto", 1e-2), ("fp16", torch.float16, "auto", 1e-2)):
+            for mode, dtype, prec, tol in modes:
                 y = x.to(dtype)
                 for blk in m.blocks:
                     out = torch.full_like(y, float("nan"))
                     y = residual_block(y, mask, fold_block(blk, dtype), precision=prec, out=out)
-                torch.cuda.synchronize()
+                sync()
                 err = rel(y, ref)
                 rows.append(dict(kernel="conv_stack", shape=f"B{batch} T{length} d256", mode=mode, rel_err=err, tol=tol,
                                  nan=bool(y.isnan().any()), ok=err <= tol and not y.isnan().any()))
     return rows
 
 
-def parity_queue() -> list[dict]:
+def parity_queue(device: str, smoke: bool) -> list[dict]:
     from kernels.queue_loss import distill_align_loss, queue_similarity
     from reference.distill_align import DistillAlign
 
     rows = []
-    b, L, d, alpha = 32, 65536, 256, 0.4
-    da = DistillAlign(d, L).cuda()
+    b, L, d, alpha = (32, 65536, 256, 0.4) if not smoke else (3, 200, 64, 0.4)
+    da = DistillAlign(d, L).to(device)
     da64 = copy.deepcopy(da).double()
-    feats = [F.normalize(torch.randn(b, d, device="cuda"), dim=-1) for _ in range(4)]
-    q = torch.randn(b, d, device="cuda")
+    feats = [F.normalize(torch.randn(b, d, device=device), dim=-1) for _ in range(4)]
+    q = torch.randn(b, d, device=device)
     s_ref = F.normalize(q.double(), dim=-1) @ da64.vid_queue / da64.temp
     g64 = [f.double().requires_grad_(i < 2) for i, f in enumerate(feats)]
     loss64 = da64.align_loss(*g64, alpha)
     loss64.backward()
-    for prec, tol in (("ieee", 1e-5), ("tf32", 5e-4)):
+    for prec, tol in (("ieee", 1e-5), ("tf32", 5e-4)) if not smoke else (("ieee", 1e-5),):
         with torch.no_grad():
-            s = queue_similarity(q, da.vid_queue, da.temp, precision=prec)
+            s = queue_similarity(q, da.vid_queue, da.temp, precision=prec, backend="triton")
         err = rel(s, s_ref.detach())
         rows.append(dict(kernel="queue_similarity", shape=f"b{b} L{L} d{d}", mode=prec, rel_err=err, tol=tol,
                          nan=bool(s.isnan().any()), ok=err <= tol))
         g = [f.clone().requires_grad_(i < 2) for i, f in enumerate(feats)]
         da.temp.grad = None
-        loss = distill_align_loss(*g, da.txt_queue, da.vid_queue, da.temp, alpha, precision=prec)
+        loss = distill_align_loss(*g, da.txt_queue, da.vid_queue, da.temp, alpha, precision=prec, backend="triton")
         loss.backward()
         errs = dict(loss=rel(loss.detach(), loss64.detach()), d_gv=rel(g[0].grad, g64[0].grad),
                     d_gt=rel(g[1].grad, g64[1].grad), d_temp=rel(da.temp.grad, da64.temp.grad))
@@ -137,7 +155,7 @@ def time_case(case, rounds: int = 3, baseline: str | None = None, graph: bool = 
     """Every provider of a case, alternating over ``rounds``; per-round ratios against ``baseline``."""
     for fn in case.fns.values():  # compile / warm up everything first
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = {k: [] for k in case.fns}
     for _ in range(rounds):
         for k, fn in case.fns.items():
@@ -160,55 +178,58 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline of the conv stack")
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the reference conv stack")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes on CPU through the Triton interpreter: checks the script, times nothing useful")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.gpu_kernels needs a CUDA GPU", file=sys.stderr)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("bench.gpu_kernels needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     from bench.kernel_cases import conv_stack_case
 
     t0 = time.time()
-    res = dict(header=header(), errors=[])
+    res = dict(header=header(device), errors=[], parity=[], timing=[])
     print(json.dumps(res["header"], indent=1))
-    res["ceilings"] = ceilings()
+    res["ceilings"] = ceilings(device, args.smoke)
     print("ceilings", res["ceilings"])
-    res["parity"], res["timing"] = [], []
-    for name, fn in (("parity_conv", parity_conv), ("parity_queue", parity_queue)):
+
+    def run(name, job, key):
+        t = time.time()
         try:
-            res["parity"] += fn()
+            res[key] += job()
         except Exception:  # noqa: BLE001 - record and continue: one failure must not lose the other results
             res["errors"].append(f"{name}: {traceback.format_exc()}")
             print(res["errors"][-1])
+        print(f"[{name}] {time.time() - t:.1f}s", flush=True)
+        res["wall_s"] = time.time() - t0
+        write(res, args.out, quiet=True)  # after every stage: a run cut short still leaves its results
+
+    run("parity conv", lambda: parity_conv(device, args.smoke), "parity")
+    run("parity queue", lambda: parity_queue(device, args.smoke), "parity")
     for r in res["parity"]:
         print(f"parity {r['kernel']:<20} {r['shape']:<16} {r['mode']:<14} rel {r['rel_err']:.2e} tol {r['tol']:.0e} "
               f"{'ok' if r['ok'] else 'FAIL'}")
-    jobs = []
-    for batch in (1, 32, 256):
-        providers = ("reference", "reference_bf16", "torch_folded", "triton_ieee", "triton_tf32", "triton_bf16")
-        jobs.append((f"conv B{batch}", lambda b=batch, pr=providers: time_case(
-            conv_stack_case(b, providers=pr, compile_mode=None if args.no_compile else "default"),
-            args.rounds, baseline="reference")))
-    jobs.append(("conv B1 graph", lambda: time_case(conv_stack_case(1, providers=("reference", "torch_folded", "triton_tf32",
-                                                                                  "triton_bf16")),
-                                                    args.rounds, baseline="reference", graph=True)))
-    jobs.append(("queue", lambda: _queue_rows(args.rounds)))
-    for name, job in jobs:
-        t = time.time()
-        try:
-            res["timing"] += job()
-        except Exception:  # noqa: BLE001
-            res["errors"].append(f"{name}: {traceback.format_exc()}")
-            print(res["errors"][-1])
-        print(f"[{name}] {time.time() - t:.1f}s", flush=True)
-    res["wall_s"] = time.time() - t0
+    conv_providers = ("reference", "reference_bf16", "torch_folded", "triton_tf32", "triton_bf16")
+    length = 75 if not args.smoke else 21
+    run("queue", lambda: _queue_rows(args.rounds, device, args.smoke), "timing")
+    for batch in (1, 32, 256) if not args.smoke else (1,):
+        run(f"conv B{batch}", lambda b=batch: time_case(
+            conv_stack_case(b, length, device=device, providers=conv_providers,
+                            compile_mode="default" if args.compile else None),
+            args.rounds, baseline="reference"), "timing")
+    if not args.smoke:
+        run("conv B1 graph", lambda: time_case(
+            conv_stack_case(1, providers=("reference", "torch_folded", "triton_tf32", "triton_bf16")),
+            args.rounds, baseline="reference", graph=True), "timing")
     write(res, args.out)
     return 1 if res["errors"] or not all(r["ok"] for r in res["parity"]) else 0
 
 
-def _queue_rows(rounds: int) -> list[dict]:
+def _queue_rows(rounds: int, device: str, smoke: bool) -> list[dict]:
     from bench.kernel_cases import queue_case
 
-    case = queue_case()
+    case = queue_case(device=device, **(dict(b=3, queue_length=200, d=64) if smoke else {}))
     rows = []
     for prefix in ("similarity", "loss_fwd_", "loss_fwdbwd"):
         sub = copy.copy(case)
@@ -218,7 +239,7 @@ def _queue_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def write(res: dict, out: Path) -> None:
+def write(res: dict, out: Path, quiet: bool = False) -> None:
     h, c = res["header"], res["ceilings"]
     card = h["card"].replace(" ", "_")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
@@ -242,7 +263,8 @@ def write(res: dict, out: Path) -> None:
     base = out / f"gpu_kernels_{card}_{stamp}"
     base.with_suffix(".json").write_text(json.dumps(res, indent=1))
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

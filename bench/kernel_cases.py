@@ -97,7 +97,7 @@ def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cud
 
     def fused_loss(precision):
         return lambda: distill_align_loss(gv, gt, gv_m, gt_m, da.txt_queue, da.vid_queue, da.temp, alpha,
-                                          precision=precision)
+                                          precision=precision, backend="triton")
 
     def fwd_bwd(loss_fn):
         def run():
@@ -108,8 +108,8 @@ def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cud
 
     fns = {
         "similarity_torch": _no_grad(lambda: F.normalize(q, dim=-1) @ da.vid_queue / da.temp),
-        "similarity_triton_tf32": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="tf32")),
-        "similarity_triton_ieee": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="ieee")),
+        "similarity_triton_tf32": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="tf32", backend="triton")),
+        "similarity_triton_ieee": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="ieee", backend="triton")),
         "loss_fwd_torch": _no_grad(torch_loss),
         "loss_fwd_triton_tf32": _no_grad(fused_loss("tf32")),
         "loss_fwd_triton_ieee": _no_grad(fused_loss("ieee")),

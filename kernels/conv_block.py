@@ -108,7 +108,7 @@ if triton is not None:
         # pointers
         X, Y, MASK, W1, B1, W2, B2,
         # sizes
-        T, D,
+        T, D, N_PER_PROG,  # N_PER_PROG: conv2 output blocks per program (run-time: one compile per dtype)
         # strides (elements); the channel stride is 1
         stride_xt, stride_xb, stride_yt, stride_yb, stride_mb, stride_mt,
         # meta-parameters
@@ -116,7 +116,6 @@ if triton is not None:
         BLOCK_D: tl.constexpr,  # next power of 2 >= D
         BLOCK_K: tl.constexpr,  # conv1 reduction block over input channels
         BLOCK_N: tl.constexpr,  # conv2 output-channel block
-        N_PER_PROG: tl.constexpr,  # conv2 output blocks per program
         HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "ieee" | "tf32"
     ):
@@ -221,14 +220,14 @@ def residual_block(x: Tensor, mask: Tensor | None, fb: FoldedBlock, *, seq_first
     if x.numel() == 0:
         return out
     cfg = _conv_settings(batch, length, d, x.dtype, x.device)
-    groups = cfg.pop("groups")
+    groups, n_per_prog = cfg.pop("groups"), cfg.pop("N_PER_PROG")
     st, sb = (x.stride(0), x.stride(1)) if seq_first else (x.stride(1), x.stride(0))
     ot, ob = (out.stride(0), out.stride(1)) if seq_first else (out.stride(1), out.stride(0))
     m = mask if mask is not None else x  # dummy pointer when HAS_MASK is False
     grid = (triton.cdiv(length, cfg["BLOCK_H"] - 2), batch, groups)
     _residual_block_kernel[grid](
         x, out, m, fb.w1, fb.b1, fb.w2, fb.b2,
-        length, d,
+        length, d, n_per_prog,
         st, sb, ot, ob,
         m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
         HAS_MASK=mask is not None, PRECISION=dot_precision(precision), **cfg,

@@ -70,7 +70,7 @@ class TritonDistillAlign(DistillAlign):
         from .queue_loss import distill_align_loss
 
         return distill_align_loss(gv, gt, gv_m, gt_m, self.txt_queue, self.vid_queue, self.temp, alpha,
-                                  precision=self.kernel_precision)
+                                  precision=self.kernel_precision, backend="triton")
 
 
 SWAPS = {ConvolutionalBlocks: TritonConvolutionalBlocks, DistillAlign: TritonDistillAlign}
