@@ -55,6 +55,7 @@ def conv_stack_case(batch: int, length: int = 75, d: int = 256, n_blocks: int = 
         "torch_folded": lambda: _folded_torch(x, mask, folded[torch.float32]),
         "triton_ieee": lambda: residual_block_stack(x, mask, folded[torch.float32], precision="ieee"),
         "triton_tf32": lambda: residual_block_stack(x, mask, folded[torch.float32], precision="tf32"),
+        "triton_tf32x3": lambda: residual_block_stack(x, mask, folded[torch.float32], precision="tf32x3"),
         "triton_bf16": lambda: residual_block_stack(xs[torch.bfloat16], mask, folded[torch.bfloat16]),
         "triton_fp16": lambda: residual_block_stack(xs[torch.float16], mask, folded[torch.float16]),
     }
@@ -83,7 +84,8 @@ def _no_grad(fn):
     return run
 
 
-def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cuda", alpha: float = 0.4) -> Case:
+def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cuda", alpha: float = 0.4,
+               providers: tuple[str, ...] | None = None) -> Case:
     """Distill Align at the official size: features (b, d), queues (d, L), tau 0.07."""
     from kernels.queue_loss import distill_align_loss, queue_similarity
 
@@ -110,13 +112,19 @@ def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cud
         "similarity_torch": _no_grad(lambda: F.normalize(q, dim=-1) @ da.vid_queue / da.temp),
         "similarity_triton_tf32": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="tf32", backend="triton")),
         "similarity_triton_ieee": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="ieee", backend="triton")),
+        "similarity_triton_tf32x3": _no_grad(lambda: queue_similarity(q, da.vid_queue, da.temp, precision="tf32x3",
+                                                                      backend="triton")),
         "loss_fwd_torch": _no_grad(torch_loss),
         "loss_fwd_triton_tf32": _no_grad(fused_loss("tf32")),
         "loss_fwd_triton_ieee": _no_grad(fused_loss("ieee")),
+        "loss_fwd_triton_tf32x3": _no_grad(fused_loss("tf32x3")),
         "loss_fwdbwd_torch": fwd_bwd(torch_loss),
         "loss_fwdbwd_triton_tf32": fwd_bwd(fused_loss("tf32")),
         "loss_fwdbwd_triton_ieee": fwd_bwd(fused_loss("ieee")),
+        "loss_fwdbwd_triton_tf32x3": fwd_bwd(fused_loss("tf32x3")),
     }
+    if providers is not None:
+        fns = {k: v for k, v in fns.items() if k in providers}
     qbytes = d * queue_length * 4
     nbytes = {}
     for k in fns:

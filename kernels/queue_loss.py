@@ -404,7 +404,7 @@ def _launch_settings(b: int, n_cols: int, d: int, dtype: torch.dtype, device: to
     block_d = next_power_of_2(d)
     es = dtype.itemsize
     if device.type == "cuda":
-        kind = "16bit" if es == 2 else precision
+        kind = "16bit" if es == 2 else ("tf32" if precision == "tf32x3" else precision)
         prefs = _GPU_TILE_PREFS.get(kind + "_bwd", _GPU_TILE_PREFS[kind]) if backward else _GPU_TILE_PREFS[kind]
         while True:
             fits = [p for p in prefs
