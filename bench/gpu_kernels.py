@@ -46,7 +46,7 @@ def header(device: str) -> dict:
         card=torch.cuda.get_device_name() if cuda else "cpu-smoke",
         sms=torch.cuda.get_device_properties(0).multi_processor_count if cuda else 0,
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        commit=sh("git rev-parse --short HEAD") or os.environ.get("GIT_COMMIT", "?"),
+        commit=os.environ.get("GIT_COMMIT") or sh("git rev-parse --short HEAD") or "?",
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         nvidia_smi=sh("nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu,driver_version "
                       "--format=csv,noheader"),

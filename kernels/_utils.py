@@ -80,21 +80,22 @@ def check_hidden_dim(name: str, d: int, *, multiple: int = 16, maximum: int = 51
 
 
 def dot_precision(precision: str, op: str = "matmul") -> str:
-    """The ``tl.dot`` input precision for fp32 operands: "ieee" (exact fp32 FMAs, slow), "tf32x3" (three
-    tf32 tensor-core products, ~fp32 accuracy), or "tf32" (fast, ~5e-4 relative).
+    """The ``tl.dot`` input precision for fp32 operands: "ieee" (exact fp32 FMAs), "tf32" (tensor cores,
+    ~5e-4 relative) or "tf32x3" (three tf32 products, ~1e-7, but measured 10-30x slower than "tf32" with
+    Triton 3.6 on an H200: an explicit choice only).
 
-    "auto" follows torch's own defaults for the op the kernel replaces: a matmul ("matmul") is tf32x3
-    when ``torch.get_float32_matmul_precision() == "highest"`` (torch's default: full fp32) and tf32
-    otherwise; a convolution ("conv") is tf32 when ``torch.backends.cudnn.allow_tf32`` (torch's default for
-    cuDNN convolutions) and tf32x3 otherwise.
+    "auto" follows torch's own defaults for the op the kernel replaces: a matmul ("matmul") is "ieee"
+    when ``torch.get_float32_matmul_precision() == "highest"`` (torch's default) and "tf32" otherwise; a
+    convolution ("conv") is "tf32" when ``torch.backends.cudnn.allow_tf32`` (torch's default for cuDNN
+    convolutions) and "ieee" otherwise.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if op == "conv":
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def next_power_of_2(n: int) -> int:

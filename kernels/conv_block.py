@@ -16,15 +16,13 @@ Algorithm of ``_residual_block_kernel`` (one launch per block, no intermediate w
         th = t0 - 1 + [0, BLOCK_H)                     # clips of h the tile needs: outputs +- 1 (the halo)
         acc1 = sum_{k, c-block} x[th + k - 1, b, c-block] @ W1'[k, c-block, :]     # implicit GEMM, (BH, D)
         h = ReLU(acc1 + b1') zeroed where th is outside [0, T) or padded
+        H_k = shift(h, k - 1) for k = 0, 1, 2          # h[r + k - 1], as a dot with a 0/1 shift matrix
         for each output-channel block n of group g:
-            P_k = h @ W2'[k, :, n]  for k = 0, 1, 2                  # (BH, BN)
-            y = ReLU(x[th, b, n] + shift(P_0, +1) + P_1 + shift(P_2, -1) + b2'[n])   # row r: P_0[r-1], P_2[r+1]
-            stored for th in [t0, t0 + BH - 2)
+            y = ReLU(x[th, b, n] + sum_k H_k @ W2'[k, :, n] + b2'[n])   # stored for th in [t0, t0+BH-2)
 
 Each tile recomputes the 2-clip halo of h instead of exchanging it with its neighbours through memory.
-The shift is a tiny matmul with a 0/1 matrix (BH x BH x BN per tap, ~3 % of the block's FLOPs), because
-Triton cannot index a register tile by a run-time offset; in tf32x3 (ieee in the interpreter) it is exact to
-~2^-22. Shifting the (BH, BN) products instead of h keeps one (BH, D) tile alive instead of three.
+The shift is a tiny matmul (BH x BH x D, ~4 % of the block's FLOPs) because Triton cannot index a
+register tile by a run-time offset; it is exact: each output element is one input element times 1.
 The kernel reads any (T, B, D) or (B, T, D) layout through strides (the fuser's sequence-first layout
 included), so no transposes. Channel groups (grid axis 2) split conv2's outputs across programs when the
 batch is too small to fill the GPU; each group recomputes conv1 (a launch-heuristic trade-off).
@@ -110,17 +108,16 @@ if triton is not None:
         # pointers
         X, Y, MASK, W1, B1, W2, B2,
         # sizes
-        T, D,
+        T, D, N_PER_PROG,  # N_PER_PROG: conv2 output blocks per program (run-time: one compile per dtype)
         # strides (elements); the channel stride is 1
         stride_xt, stride_xb, stride_yt, stride_yb, stride_mb, stride_mt,
         # meta-parameters
         BLOCK_H: tl.constexpr,  # clips of h per tile (outputs per tile = BLOCK_H - 2)
-        BLOCK_C: tl.constexpr,  # chunk of h channels: conv1's output block = conv2's reduction block
+        BLOCK_D: tl.constexpr,  # next power of 2 >= D
         BLOCK_K: tl.constexpr,  # conv1 reduction block over input channels
-        BLOCK_N: tl.constexpr,  # conv2 output channels per program (= next_pow2(D) / channel groups)
+        BLOCK_N: tl.constexpr,  # conv2 output-channel block
         HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "ieee" | "tf32" | "tf32x3"
-        SHIFT_PRECISION: tl.constexpr,  # "tf32x3" on GPU (exact for a 0/1 matrix), "ieee" in the interpreter
     ):
         pid_t = tl.program_id(0).to(tl.int64)
         pid_b = tl.program_id(1).to(tl.int64)
@@ -128,75 +125,73 @@ if triton is not None:
         dt = X.dtype.element_ty
 
         r = tl.arange(0, BLOCK_H)
-        th = pid_t * (BLOCK_H - 2) - 1 + r  # (BH,) clip index of each h row (outputs +- 1: the halo)
-        n = pid_g * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) this program's output channels
+        th = pid_t * (BLOCK_H - 2) - 1 + r  # (BH,) clip index of each h row
+        cd = tl.arange(0, BLOCK_D)
         x_row = X + pid_b * stride_xb
+
+        # ---- conv1 (implicit GEMM over 3 taps x input-channel blocks), BN1 folded, ReLU, mask ----
+        acc1 = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(3):
+            tx = th + (k - 1)
+            ok = (tx >= 0) & (tx < T)
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + pid_b * stride_mb + tx * stride_mt, mask=ok, other=0) != 0)
+            for c0 in range(0, BLOCK_D, BLOCK_K):  # a run-time loop: keeps the compiled kernel small
+                ck = c0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_row + tx[:, None] * stride_xt + ck[None, :],
+                             mask=ok[:, None] & (ck[None, :] < D), other=0.0)  # (BH, BK)
+                wk = tl.load(W1 + k * D * D + ck[:, None] * D + cd[None, :],
+                             mask=(ck[:, None] < D) & (cd[None, :] < D), other=0.0)  # (BK, BD)
+                acc1 = tl.dot(xk, wk, acc1, input_precision=PRECISION)
+        b1 = tl.load(B1 + cd, mask=cd < D, other=0.0)
         h_ok = (th >= 0) & (th < T)
         if HAS_MASK:
             h_ok = h_ok & (tl.load(MASK + pid_b * stride_mb + th * stride_mt, mask=h_ok, other=0) != 0)
+        h = tl.where(h_ok[:, None], tl.maximum(acc1 + b1[None, :], 0.0), 0.0).to(dt)  # (BH, BD)
 
-        # P_k = h @ W2'[k] for the three taps of conv2, accumulated one chunk of h channels at a time, so
-        # only a (BH, BC) slice of h is ever alive (no (BH, D) tile: no register spills)
-        p0 = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-        p1 = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-        p2 = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-        for c0 in tl.range(0, D, BLOCK_C, loop_unroll_factor=1):
-            c = c0 + tl.arange(0, BLOCK_C)
-            # ---- conv1 for h channels c: implicit GEMM over 3 taps x input-channel blocks ----
-            acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-            for k in tl.static_range(3):
-                tx = th + (k - 1)
-                ok = (tx >= 0) & (tx < T)
-                if HAS_MASK:
-                    ok = ok & (tl.load(MASK + pid_b * stride_mb + tx * stride_mt, mask=ok, other=0) != 0)
-                for i0 in tl.range(0, D, BLOCK_K, loop_unroll_factor=1):
-                    ci = i0 + tl.arange(0, BLOCK_K)
-                    xk = tl.load(x_row + tx[:, None] * stride_xt + ci[None, :],
-                                 mask=ok[:, None] & (ci[None, :] < D), other=0.0)  # (BH, BK)
-                    wk = tl.load(W1 + k * D * D + ci[:, None] * D + c[None, :],
-                                 mask=(ci[:, None] < D) & (c[None, :] < D), other=0.0)  # (BK, BC)
-                    acc = tl.dot(xk, wk, acc, input_precision=PRECISION)
-            b1 = tl.load(B1 + c, mask=c < D, other=0.0)
-            hc = tl.where(h_ok[:, None], tl.maximum(acc + b1[None, :], 0.0), 0.0).to(dt)  # (BH, BC), BN1+ReLU+mask
-            # ---- conv2's three taps, reduction over this chunk of h channels ----
-            w_ok = (c[:, None] < D) & (n[None, :] < D)
-            w_off = c[:, None] * D + n[None, :]
-            p0 = tl.dot(hc, tl.load(W2 + w_off, mask=w_ok, other=0.0), p0, input_precision=PRECISION)
-            p1 = tl.dot(hc, tl.load(W2 + D * D + w_off, mask=w_ok, other=0.0), p1, input_precision=PRECISION)
-            p2 = tl.dot(hc, tl.load(W2 + 2 * D * D + w_off, mask=w_ok, other=0.0), p2, input_precision=PRECISION)
-
-        # ---- y[r] = P_0[r - 1] + P_1[r] + P_2[r + 1]: the shifts as exact 0/1 matmuls ----
+        # ---- the halo: h shifted by one clip either way, as exact 0/1 matmuls ----
         rc = tl.arange(0, BLOCK_H)
-        s_prev = tl.where(rc[None, :] == r[:, None] - 1, 1.0, 0.0)  # (BH, BH): row r picks row r - 1
-        s_next = tl.where(rc[None, :] == r[:, None] + 1, 1.0, 0.0)  # row r picks row r + 1
-        acc2 = tl.dot(s_prev, p0, p1, input_precision=SHIFT_PRECISION)
-        acc2 = tl.dot(s_next, p2, acc2, input_precision=SHIFT_PRECISION)
+        s_prev = tl.where(rc[None, :] == r[:, None] - 1, 1.0, 0.0).to(dt)  # row r picks h[r - 1]
+        s_next = tl.where(rc[None, :] == r[:, None] + 1, 1.0, 0.0).to(dt)  # row r picks h[r + 1]
+        h_prev = tl.dot(s_prev, h, input_precision=PRECISION).to(dt)
+        h_next = tl.dot(s_next, h, input_precision=PRECISION).to(dt)
 
-        # ---- epilogue: BN2 bias, residual, ReLU; rows 1 .. BH-2 of the tile are its outputs ----
-        b2 = tl.load(B2 + n, mask=n < D, other=0.0)
-        io_ok = ((r >= 1) & (r <= BLOCK_H - 2) & (th < T))[:, None] & (n[None, :] < D)
-        res = tl.load(x_row + th[:, None] * stride_xt + n[None, :], mask=io_ok, other=0.0).to(tl.float32)
-        y = tl.maximum(res + acc2 + b2[None, :], 0.0)
-        tl.store(Y + pid_b * stride_yb + th[:, None] * stride_yt + n[None, :], y.to(dt), mask=io_ok)
+        # ---- conv2 + BN2 folded + residual + ReLU, per output-channel block ----
+        out_ok = (r >= 1) & (r <= BLOCK_H - 2) & (th < T)
+        for j in range(N_PER_PROG):
+            n = (pid_g * N_PER_PROG + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            w_ok = (cd[:, None] < D) & (n[None, :] < D)
+            w_off = cd[:, None] * D + n[None, :]
+            acc2 = tl.dot(h_prev, tl.load(W2 + w_off, mask=w_ok, other=0.0), input_precision=PRECISION)
+            acc2 = tl.dot(h, tl.load(W2 + D * D + w_off, mask=w_ok, other=0.0), acc2, input_precision=PRECISION)
+            acc2 = tl.dot(h_next, tl.load(W2 + 2 * D * D + w_off, mask=w_ok, other=0.0), acc2,
+                          input_precision=PRECISION)
+            b2 = tl.load(B2 + n, mask=n < D, other=0.0)
+            io_ok = out_ok[:, None] & (n[None, :] < D)
+            res = tl.load(x_row + th[:, None] * stride_xt + n[None, :], mask=io_ok, other=0.0).to(tl.float32)
+            y = tl.maximum(res + acc2 + b2[None, :], 0.0)
+            tl.store(Y + pid_b * stride_yb + th[:, None] * stride_yt + n[None, :], y.to(dt), mask=io_ok)
 
 
 def _conv_settings(batch: int, length: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Launch heuristic: tile height, channel blocks, channel groups, warps and pipeline depth.
 
-    Registers: three (BH, BN) fp32 accumulators (one per conv2 tap) plus one (BH, BC) slice of h; with
-    BH=32, BN=256, 8 warps that is ~100 registers per thread. Channel groups split conv2's outputs over
-    programs when the row tiles alone cannot fill the GPU (each group recomputes conv1).
+    Shared memory at d=256 (sm_90, compiled offline with Triton 3.7): fp32 tiles with 2 stages need 303 KB,
+    over the 227 KB limit, so fp32 runs with 1 stage (160 KB); fp16/bf16 with 2 stages need 80 KB.
     """
     block_d = next_power_of_2(d)
     block_h = 32 if length > 16 else 16
+    block_n = min(64, block_d)
+    n_blocks = block_d // block_n
     row_tiles = batch * triton.cdiv(length, block_h - 2)
     groups = 1
-    if device.type == "cuda":
+    if device.type == "cuda":  # split conv2's outputs over programs when the row tiles alone cannot fill the GPU
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while groups < 4 and block_d // (groups * 2) >= 32 and row_tiles * groups < sms:
+        while groups < n_blocks and row_tiles * groups < sms:
             groups *= 2
-    return dict(BLOCK_H=block_h, BLOCK_C=min(32, block_d), BLOCK_K=min(32, block_d), BLOCK_N=block_d // groups,
-                groups=groups, num_warps=8 if block_d >= 256 else 4, num_stages=2)
+    return dict(BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_K=min(32, block_d), BLOCK_N=block_n,
+                N_PER_PROG=n_blocks // groups, groups=groups,
+                num_warps=8 if block_d >= 256 else 4, num_stages=1 if dtype == torch.float32 else 2)
 
 
 def residual_block(x: Tensor, mask: Tensor | None, fb: FoldedBlock, *, seq_first: bool = True,
@@ -225,18 +220,17 @@ def residual_block(x: Tensor, mask: Tensor | None, fb: FoldedBlock, *, seq_first
     if x.numel() == 0:
         return out
     cfg = _conv_settings(batch, length, d, x.dtype, x.device)
-    groups = cfg.pop("groups")
+    groups, n_per_prog = cfg.pop("groups"), cfg.pop("N_PER_PROG")
     st, sb = (x.stride(0), x.stride(1)) if seq_first else (x.stride(1), x.stride(0))
     ot, ob = (out.stride(0), out.stride(1)) if seq_first else (out.stride(1), out.stride(0))
     m = mask if mask is not None else x  # dummy pointer when HAS_MASK is False
     grid = (triton.cdiv(length, cfg["BLOCK_H"] - 2), batch, groups)
     _residual_block_kernel[grid](
         x, out, m, fb.w1, fb.b1, fb.w2, fb.b2,
-        length, d,
+        length, d, n_per_prog,
         st, sb, ot, ob,
         m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
-        HAS_MASK=mask is not None, PRECISION=dot_precision(precision, "conv"),
-        SHIFT_PRECISION="ieee" if x.device.type == "cpu" else "tf32x3", **cfg,
+        HAS_MASK=mask is not None, PRECISION=dot_precision(precision, "conv"), **cfg,
     )
     return out
 

@@ -18,6 +18,15 @@ from conftest import random_batch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _strict_fp32():
+    """On a GPU torch's fp32 convolutions default to TF32 (~1e-4 off); the reference must be true fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _model(small_cfg):
     model = LDDETR(small_cfg).to(DEVICE)
     with torch.no_grad():  # non-trivial BN statistics, so folding matters
