@@ -31,6 +31,7 @@ from kernels.queue_loss import (  # noqa: E402
 from reference.distill_align import DistillAlign  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32 "ieee" parity
+pytestmark = pytest.mark.usefixtures("fresh_seed")  # conftest: a new, printed seed per test
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
@@ -44,15 +45,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed(_seed):
-    """Re-seed after conftest's fixed seed with a fresh one (printed, shown on failure)."""
-    seed = int(os.environ.get("LDDETR_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    torch.manual_seed(seed)
-    print(f"seed {seed} (LDDETR_TEST_SEED={seed} replays it)")
-    return seed
 
 
 @pytest.fixture(autouse=True)
