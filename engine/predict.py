@@ -34,6 +34,7 @@ from .atomic import atomic_open, save_jsonl
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, FeatureSpec, MomentDataset, load_annotations, make_loader, prepare_text, prepare_video
 from .evaluate import evaluate
+from .inference import build
 from .postprocess import to_records
 
 
@@ -43,7 +44,7 @@ class Predictor:
     def __init__(self, model: LDDETR, spec: FeatureSpec, dataset: str = "qvhighlights",
                  device: str | torch.device | None = None, kernels_backend: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = kernels.apply(model.to(self.device).eval(), kernels_backend)
+        self.model = build(model, device=self.device, kernels_backend=kernels_backend)  # inference engine
         self.spec = spec
         self.dataset = dataset
         spec.check_config(model.cfg)

@@ -32,14 +32,21 @@ class TritonConvolutionalBlocks(ConvolutionalBlocks):
 
     kernel_backend: str = "auto"
     kernel_precision: str = "auto"
+    fold_bn_torch: bool = False  # the engine sets it: the torch path also runs on BN-folded weights
 
     def forward(self, x: Tensor, vid_mask: Tensor) -> Tensor:
         """x (L, B, d) sequence-first, vid_mask (B, L) bool -> (L, B, d)."""
-        if self.training or _needs_grad(self, x) or resolve_backend(self.kernel_backend, x.device) == "torch":
+        if self.training or _needs_grad(self, x):
             return super().forward(x, vid_mask)
-        from .conv_block import residual_block_stack
+        from .conv_block import residual_block_stack, residual_block_torch
 
         mask = vid_mask if vid_mask.dtype == torch.bool else vid_mask != 0
+        if resolve_backend(self.kernel_backend, x.device) == "torch":
+            if not self.fold_bn_torch:
+                return super().forward(x, vid_mask)
+            for fb in self.folded(x.dtype, x.device):
+                x = residual_block_torch(x, mask, fb)
+            return x
         return residual_block_stack(x.contiguous(), mask.contiguous(), self.folded(x.dtype, x.device),
                                     seq_first=True, precision=self.kernel_precision)
 

@@ -1,0 +1,178 @@
+"""The inference engine (engine/inference.py) against the reference model: parity at odd lengths with
+padding, buckets, dtype, op-count gates (no host syncs), graph breaks, and what it drops."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import random_batch
+from engine.inference import Engine, build
+from reference import LDDETR
+
+KEYS = ("pred_logits", "pred_spans", "saliency_scores")
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(cfg) -> LDDETR:
+    model = LDDETR(cfg).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so the folding matters
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    return model
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("lengths", [[37], [37, 29, 33], [75], [75, 60, 71]])
+def test_engine_matches_reference(fresh_seed, small_cfg, lengths):
+    model = _model(small_cfg)
+    eng = build(model, device="cpu")
+    batch = random_batch(small_cfg, lengths, [7, 5, 9][: len(lengths)])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < 1e-4, key
+    torch.testing.assert_close(out["saliency_scores"], ref["saliency_scores"], rtol=1e-4, atol=1e-5)
+
+
+def test_buckets_pad_and_give_the_same_outputs(fresh_seed, small_cfg):
+    model = _model(small_cfg)
+    eng = build(model, device="cpu", buckets=(48, 75))
+    assert eng.bucket_length(37) == 48 and eng.bucket_length(75) == 75 and eng.bucket_length(20) == 48
+    batch = random_batch(small_cfg, [37, 30, 25], [7, 5, 9])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    assert out["saliency_scores"].shape == ref["saliency_scores"].shape
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < 1e-4, key
+
+
+def test_bf16_autocast(fresh_seed, small_cfg):
+    """The bf16 engine is as accurate as the reference under the same autocast: its error against fp32 is
+    within 2x the reference's own bf16 error (bf16 through 12 layers of random weights reaches a few 1e-2
+    on the saliency, whose entries nearly cancel), and <= 1e-2 on the spans."""
+    model = _model(small_cfg)
+    eng = build(model, device="cpu", dtype=torch.bfloat16)
+    batch = random_batch(small_cfg, [37, 30], [7, 5])
+    with torch.no_grad():
+        ref32 = model(*batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = model(*batch)
+    out = eng(*batch)
+    assert _rel(out["pred_spans"], ref32["pred_spans"]) < 1e-2
+    for key in ("pred_spans", "saliency_scores"):
+        err_eng, err_ref = _rel(out[key], ref32[key]), _rel(ref16[key], ref32[key])
+        print(key, f"engine bf16 {err_eng:.2e}, reference bf16 {err_ref:.2e}")
+        assert err_eng <= max(2 * err_ref, 1e-2), key
+
+
+def test_no_host_sync_and_fewer_ops(small_cfg):
+    """Zero aten._local_scalar_dense (a GPU->host sync) in the inference forward; BN folded (no
+    batch_norm ops) and fewer ops than the reference forward."""
+    model = _model(small_cfg)
+    eng = build(model, device="cpu")
+    batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
+    with torch.no_grad(), OpCounter() as ref_ops:
+        model(*batch)
+    with OpCounter() as eng_ops:
+        eng(*batch)
+    assert eng_ops.counts["aten._local_scalar_dense"] == 0
+    assert eng_ops.counts["aten.native_batch_norm"] + eng_ops.counts["aten._native_batch_norm_legit_no_training"] == 0
+    assert sum(eng_ops.counts.values()) < sum(ref_ops.counts.values())
+
+
+def test_loop_decoder_has_no_graph_break(small_cfg):
+    model = _model(small_cfg)
+    captured = {}
+    decoder = model.loop_decoder
+
+    def spy(*args, **kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        return type(decoder).forward(decoder, *args, **kwargs)
+
+    decoder.forward = spy
+    with torch.no_grad():
+        model(*random_batch(small_cfg, [37, 29], [7, 5]))
+    del decoder.forward
+    with torch.no_grad():
+        explained = torch._dynamo.explain(decoder)(*captured["args"], **captured["kwargs"])
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
+def test_compiled_decoder_matches(fresh_seed, small_cfg):
+    model = _model(small_cfg)
+    eng = build(model, device="cpu", compile_decoder=True, compile_backend="eager")  # the capture, quickly
+    batch = random_batch(small_cfg, [37, 29], [7, 5])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < 1e-4, key
+
+
+def test_engine_is_inference_only_and_drops_training_state(small_cfg):
+    model = _model(small_cfg)
+    eng = build(model, device="cpu")
+    assert isinstance(eng, Engine) and not eng.training
+    assert eng.model.momentum_video_encoder is None and eng.model.distill_align.vid_queue.numel() == 0
+    assert model.momentum_video_encoder is not None and model.distill_align.vid_queue.numel() > 0  # untouched
+    with pytest.raises(RuntimeError, match="inference-only"):
+        eng.train()
+    with pytest.raises(TypeError, match="LDDETR or a checkpoint"):
+        build(object())
+    with pytest.raises(ValueError, match="dtype"):
+        build(model, dtype=torch.float64)
+
+
+def test_build_from_checkpoint(tmp_path, small_cfg):
+    from engine import save_checkpoint
+
+    model = _model(small_cfg)
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    eng = build(path, device="cpu")
+    batch = random_batch(small_cfg, [21, 17], [6, 4])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    assert _rel(out["pred_spans"], ref["pred_spans"]) < 1e-4
+
+
+def test_same_top1_windows_on_synthetic_val(tiny_synthetic, small_cfg):
+    """Reference and engine give the same top-1 windows (and near-equal saliency) over a synthetic split."""
+    from engine.data import MomentDataset, load_annotations, make_loader
+    from engine.features import feature_spec_for
+    from engine.train import predict_loader
+
+    spec = feature_spec_for("synthetic", tiny_synthetic)
+    cfg = small_cfg.__class__.preset("qvhighlights", v_feat_dim=spec.v_feat_dim, t_feat_dim=spec.t_feat_dim,
+                                     queue_length=64)
+    model = _model(cfg)
+    ann = load_annotations(sorted(tiny_synthetic.glob("*val*.jsonl"))[0])
+    loader = make_loader(MomentDataset(ann, tiny_synthetic, spec, dataset="synthetic", load_labels=False), 3,
+                         shuffle=False)
+    device = torch.device("cpu")
+    ref = predict_loader(model, loader, device, cfg, "synthetic")
+    eng = predict_loader(build(model, device="cpu"), loader, device, cfg, "synthetic")
+    assert [r["qid"] for r in ref] == [r["qid"] for r in eng]
+    for a, b in zip(ref, eng):
+        assert a["pred_relevant_windows"][0][:2] == b["pred_relevant_windows"][0][:2], a["qid"]
