@@ -248,7 +248,18 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-@torch.no_grad()
+CHECK_EVERY = 10  # steps between host reads of the loss (progress bar, non-finite check)
+
+
+def make_optimizer(params: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as the official code configures it, with the fused implementation where torch has one for
+    this device (one kernel for all parameters, no per-parameter step read-back), else foreach."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LDDETRConfig, dataset: str,
                    amp: str = "off", progress: bool = False) -> list[dict]:
@@ -325,7 +336,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             model.queue_gather = dist_utils.all_gather_cat
         criterion = build_criterion(cfg)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
+        optimizer = make_optimizer(params, cfg.lr, cfg.wd, device)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         state = {"epoch": 0, "best": -math.inf, "best_epoch": None, "history": [], "best_metrics": None}
@@ -368,6 +379,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             if args.max_steps_per_epoch:
                 steps = min(steps, args.max_steps_per_epoch)
             sums: dict[str, float] = {}
+            nonfinite = None
             t_epoch = time.perf_counter()
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.n_epoch}", leave=False,
                        disable=args.quiet or not main_proc, dynamic_ncols=True)
@@ -381,11 +393,19 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                     outputs = run_model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"],
                                         alpha=alpha)
                 outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
-                losses = criterion(outputs, batch["targets"])
+                try:
+                    losses = criterion(outputs, batch["targets"])
+                except FloatingPointError as e:  # NaN predictions reach the matcher before the deferred check
+                    raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {e}") from None
                 loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    terms = {k: float(v) for k, v in losses.items()}
-                    raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}")
+                # the finiteness check reads a flag back every CHECK_EVERY steps, not every step (a host sync)
+                nonfinite = ~torch.isfinite(loss) if nonfinite is None else nonfinite | ~torch.isfinite(loss)
+                if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                    if bool(nonfinite):
+                        terms = {k: float(v) for k, v in losses.items()}
+                        raise TrainError(f"non-finite loss at epoch {epoch + 1} within steps "
+                                         f"{step + 1 - CHECK_EVERY}..{step} (last step's terms: {terms})")
+                    nonfinite = None
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -399,7 +419,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                     if main_proc:
                         log.info(f"first step {time.perf_counter() - t0:.1f} s"
                                  f"{' (includes torch.compile)' if args.compile else ''}")
-                if step % 10 == 0 or step + 1 == steps:
+                if step % CHECK_EVERY == 0 or step + 1 == steps:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 bar.update(1)
             bar.close()

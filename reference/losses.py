@@ -158,7 +158,8 @@ class SetCriterion(nn.Module):
         batch_idx, src_idx = self._src_permutation_idx(indices, logits.device)
         target_classes = torch.ones(logits.shape[:2], dtype=torch.int64, device=logits.device)  # (B, Q) all bg
         target_classes[batch_idx, src_idx] = 0
-        onehot = F.one_hot(target_classes, num_classes=logits.shape[-1]).to(logits.dtype)  # (B, Q, C)
+        # one-hot by scatter: F.one_hot reads the class ids' range back to the host (a sync per call)
+        onehot = torch.zeros_like(logits).scatter_(-1, target_classes[..., None], 1.0)  # (B, Q, C)
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return {"loss_label": loss.mean()}
 

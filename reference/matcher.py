@@ -18,6 +18,7 @@ official ``[{"spans": ...}]`` form), samples with no targets are handled explici
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -73,7 +74,9 @@ class HungarianMatcher(nn.Module):
         cost_span = torch.cdist(out_spans, tgt_spans, p=1)  # (B*Q, T)
         cost_giou = -generalized_temporal_iou(span_cxw_to_xx(out_spans), span_cxw_to_xx(tgt_spans))  # (B*Q, T)
         cost = self.cost_span * cost_span + self.cost_giou * cost_giou + self.cost_class * cost_class
-        cost = cost.view(bs, num_queries, -1).cpu()  # (B, Q, T)
+        cost = cost.view(bs, num_queries, -1).cpu()  # (B, Q, T), the one device -> host transfer
+        if not np.isfinite(cost.numpy()).all():  # checked on the host copy: no extra sync
+            raise FloatingPointError("non-finite matching costs: the model's predictions contain NaN or inf")
 
         indices = []
         for b, c in enumerate(cost.split(sizes, dim=-1)):  # c: (B, Q, n_b)

@@ -80,9 +80,10 @@ class LDDETR(nn.Module):
     def momentum_update(self) -> None:
         """theta_m <- m * theta_m + (1 - m) * theta for both momentum encoders (spec §2.2)."""
         m = self.cfg.momentum
-        for momentum_enc, enc in self._momentum_pairs():
-            for pm, p in zip(momentum_enc.parameters(), enc.parameters()):
-                pm.mul_(m).add_(p.detach(), alpha=1.0 - m)
+        for momentum_enc, enc in self._momentum_pairs():  # one foreach kernel per op, not one per tensor
+            pm, p = list(momentum_enc.parameters()), [t.detach() for t in enc.parameters()]
+            torch._foreach_mul_(pm, m)
+            torch._foreach_add_(pm, p, alpha=1.0 - m)
 
     def align_losses(self, video: Tensor, video_mask: Tensor, text: Tensor, text_mask: Tensor,
                      vid: Tensor, txt: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
