@@ -163,8 +163,10 @@ class SetCriterion(nn.Module):
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
         return {"loss_label": loss.mean()}
 
-    def _mr_losses(self, outputs: dict[str, Tensor], span_targets: list[Tensor], suffix: str) -> dict[str, Tensor]:
-        indices = self.matcher(outputs, span_targets)
+    def _mr_losses(self, outputs: dict[str, Tensor], span_targets: list[Tensor], suffix: str,
+                   indices: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+        if indices is None:
+            indices = self.matcher(outputs, span_targets)
         losses = {**self.loss_spans(outputs, span_targets, indices), **self.loss_labels(outputs, indices)}
         return {k + suffix: v for k, v in losses.items()}
 
@@ -213,7 +215,10 @@ class SetCriterion(nn.Module):
         pred_spans = outputs["pred_spans"]
         span_targets = self._span_targets(targets["span_labels"], pred_spans.shape[0], pred_spans.device,
                                           pred_spans.dtype)
-        losses = self._mr_losses(outputs, span_targets, suffix="")
+        aux = outputs.get("aux_outputs", []) if self.aux_loss else []
+        # one matching call for the final and the aux layers: one device -> host transfer per step
+        all_indices = self.matcher.match_many([outputs, *aux], span_targets)
+        losses = self._mr_losses(outputs, span_targets, suffix="", indices=all_indices[0])
 
         sal_keys = ("saliency_pos_labels", "saliency_neg_labels", "saliency_all_labels")
         present = [k for k in sal_keys if k in targets]
@@ -228,9 +233,8 @@ class SetCriterion(nn.Module):
             if k in outputs:
                 losses[k] = outputs[k]
 
-        if self.aux_loss:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                losses.update(self._mr_losses(aux, span_targets, suffix=f"_{i}"))
+        for i, (aux_out, idx) in enumerate(zip(aux, all_indices[1:])):
+            losses.update(self._mr_losses(aux_out, span_targets, suffix=f"_{i}", indices=idx))
 
         losses["loss"] = sum(self.weight_dict[k] * v for k, v in losses.items() if k in self.weight_dict)
         return losses

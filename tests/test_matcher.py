@@ -114,3 +114,24 @@ def test_build_matcher_reads_config():
     assert (m.cost_class, m.cost_span, m.cost_giou) == (1.5, 2.5, 3.5)
     d = build_matcher(LDDETRConfig())
     assert (d.cost_class, d.cost_span, d.cost_giou) == (4.0, 10.0, 1.0)
+
+
+def test_match_many_equals_one_call_per_set():
+    """The criterion matches the final and aux layers in one call (one device->host transfer); each set's
+    assignment must equal matching it alone, empty targets included."""
+    matcher = HungarianMatcher()
+    b, q = 4, 7
+    targets = [torch.rand(n, 2) * 0.5 + 0.1 for n in (2, 0, 3, 1)]
+    sets = [{"pred_logits": torch.randn(b, q, 2), "pred_spans": torch.rand(b, q, 2)} for _ in range(3)]
+    many = matcher.match_many(sets, targets)
+    assert len(many) == 3
+    for out, got in zip(sets, many):
+        want = matcher(out, targets)
+        for (r1, c1), (r2, c2) in zip(got, want):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2)
+
+
+def test_non_finite_costs_raise():
+    out = {"pred_logits": torch.randn(1, 3, 2), "pred_spans": torch.full((1, 3, 2), float("nan"))}
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        HungarianMatcher()(out, [torch.tensor([[0.5, 0.2]])])
