@@ -66,15 +66,14 @@ class ConditionalAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None = None) -> Tensor:
         nq, b, e = q.shape
         nk, dv, h = k.shape[0], v.shape[-1], self.num_heads
-        q = (q * self.scaling).reshape(nq, b * h, e // h).transpose(0, 1)  # (B*H, Q, E/H)
-        k = k.reshape(nk, b * h, e // h).transpose(0, 1)  # (B*H, L, E/H)
-        v = v.reshape(nk, b * h, dv // h).transpose(0, 1)  # (B*H, L, Dv/H)
-        scores = q @ k.transpose(1, 2)  # (B*H, Q, L)
-        if key_pad is not None:
-            scores = scores.view(b, h, nq, nk).masked_fill(key_pad[:, None, None, :], float("-inf"))
-            scores = scores.view(b * h, nq, nk)
-        attn = self.dropout(scores.softmax(-1))
-        out = (attn @ v).transpose(0, 1).reshape(nq, b, dv)  # (Q, B, Dv)
+        q = q.reshape(nq, b, h, e // h).permute(1, 2, 0, 3)  # (B, H, Q, E/H)
+        k = k.reshape(nk, b, h, e // h).permute(1, 2, 0, 3)  # (B, H, L, E/H)
+        v = v.reshape(nk, b, h, dv // h).permute(1, 2, 0, 3)  # (B, H, L, Dv/H)
+        keep = None if key_pad is None else ~key_pad[:, None, None, :]  # (B, 1, 1, L), True = attend
+        # softmax(q k^T * scaling, masked) @ v in one fused op (flash / memory-efficient kernels on GPU)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling,
+                                             dropout_p=self.dropout.p if self.training else 0.0)
+        out = out.permute(2, 0, 1, 3).reshape(nq, b, dv)  # (Q, B, Dv)
         return self.out_proj(out)
 
 
