@@ -17,11 +17,13 @@ reference forward in eval mode):
   the outputs unchanged because the reference is padding-invariant (tested), and gives
   ``torch.compile``/CUDA graphs one shape per bucket. Default: the preset's max video length on CUDA, none
   on CPU (padding would only add work there);
-* optional ``compile_decoder``: the Loop Decoder under ``torch.compile(fullgraph=True)`` (it has no graph
-  break; tested).
+* optional ``compile``: "decoder" puts the Loop Decoder under ``torch.compile(fullgraph=True)``; "model"
+  the whole forward, also with ``fullgraph=True`` — zero graph breaks, because the highlight head's GRU is
+  traced with ``torch._dynamo.config.allow_rnn`` (patched around each call, not set globally). Tested with
+  dynamo's ``explain`` and parity.
 
-What issue #5 still asks for beyond this (CUDA-graph capture, a persistent GRU, the training fast path)
-is not here yet.
+What issue #5 still asks for beyond this (CUDA-graph capture per bucket, a persistent GRU kernel, GPU
+timings) is not here yet.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ HALF = (torch.bfloat16, torch.float16)
 class Engine(nn.Module):
     """Inference-only wrapper around a transformed reference model (see module docstring)."""
 
-    def __init__(self, model: LDDETR, *, dtype: torch.dtype = torch.float32, buckets: tuple[int, ...] = ()):
+    def __init__(self, model: LDDETR, *, dtype: torch.dtype = torch.float32, buckets: tuple[int, ...] = (),
+                 run: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.run = run if run is not None else model  # the callable forward (a compiled wrapper or the model)
         self.cfg = model.cfg
         self.dtype = dtype
         self.buckets = tuple(sorted(buckets))
@@ -77,8 +81,8 @@ class Engine(nn.Module):
             video = F.pad(video, (0, 0, 0, length - t))
             video_mask = F.pad(video_mask.bool(), (0, length - t), value=False)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype in HALF)
-        with autocast:
-            out = self.model(video, video_mask, text, text_mask)
+        with autocast, torch._dynamo.config.patch(allow_rnn=True):
+            out = self.run(video, video_mask, text, text_mask)
         mask = out["video_mask"][:, :t]
         return {"pred_logits": out["pred_logits"], "pred_spans": out["pred_spans"],
                 "saliency_scores": out["saliency_scores"][:, :t], "video_mask": mask}
@@ -96,15 +100,17 @@ def _strip_training_state(model: LDDETR) -> None:
 
 def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torch.device | None = None,
           dtype: torch.dtype = torch.float32, kernels_backend: str = "auto",
-          buckets: Iterable[int] | str | None = "auto", compile_decoder: bool = False,
+          buckets: Iterable[int] | str | None = "auto", compile: str | None = None,
           compile_backend: str = "inductor") -> Engine:
     """An inference :class:`Engine` from a reference model (copied; the original is untouched) or a
     checkpoint written by ``engine.train``.
 
     ``dtype``: float32, or bfloat16/float16 (autocast). ``buckets``: "auto" (the preset's max video
-    length on CUDA, none on CPU), None / () for none, or lengths to pad to. ``compile_decoder``: compile
-    the Loop Decoder with ``fullgraph=True``.
+    length on CUDA, none on CPU), None / () for none, or lengths to pad to. ``compile``: None, "decoder"
+    (the Loop Decoder) or "model" (the whole forward), each with ``fullgraph=True``.
     """
+    if compile not in (None, "decoder", "model"):
+        raise ValueError(f"compile must be None, 'decoder' or 'model', got {compile!r}")
     if dtype not in (torch.float32,) + HALF:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -127,7 +133,10 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
     buckets = tuple(int(b) for b in (buckets or ()))
     if model.cfg.max_video_len and any(b > model.cfg.max_video_len for b in buckets):
         raise ValueError(f"buckets {buckets} exceed the model's max video length {model.cfg.max_video_len}")
-    if compile_decoder:
+    run = None
+    if compile == "decoder":
         model.loop_decoder = torch.compile(model.loop_decoder, fullgraph=True, dynamic=not buckets,
                                            backend=compile_backend)
-    return Engine(model, dtype=dtype, buckets=buckets)
+    elif compile == "model":
+        run = torch.compile(model, fullgraph=True, dynamic=not buckets, backend=compile_backend)
+    return Engine(model, dtype=dtype, buckets=buckets, run=run)

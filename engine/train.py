@@ -389,7 +389,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 t0 = time.perf_counter()
                 batch = _to_device(batch, device)
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
-                with _autocast(device, args.amp):
+                # allow_rnn: dynamo traces the highlight head's GRU instead of breaking the graph there
+                with _autocast(device, args.amp), torch._dynamo.config.patch(allow_rnn=args.compile):
                     outputs = run_model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"],
                                         alpha=alpha)
                 outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}

@@ -119,9 +119,12 @@ def test_loop_decoder_has_no_graph_break(small_cfg):
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
 
 
-def test_compiled_decoder_matches(fresh_seed, small_cfg):
+@pytest.mark.parametrize("what", ["decoder", "model"])
+def test_compiled_engine_matches(fresh_seed, small_cfg, what):
+    """fullgraph=True capture (the eager backend: dynamo's capture without inductor's compile time) of the
+    decoder or of the whole forward, GRU included, then parity."""
     model = _model(small_cfg)
-    eng = build(model, device="cpu", compile_decoder=True, compile_backend="eager")  # the capture, quickly
+    eng = build(model, device="cpu", compile=what, compile_backend="eager")
     batch = random_batch(small_cfg, [37, 29], [7, 5])
     with torch.no_grad():
         ref = model(*batch)
@@ -142,6 +145,8 @@ def test_engine_is_inference_only_and_drops_training_state(small_cfg):
         build(object())
     with pytest.raises(ValueError, match="dtype"):
         build(model, dtype=torch.float64)
+    with pytest.raises(ValueError, match="compile"):
+        build(model, compile="everything")
 
 
 def test_build_from_checkpoint(tmp_path, small_cfg):
