@@ -251,6 +251,24 @@ def _autocast(device: torch.device, amp: str):
 CHECK_EVERY = 10  # steps between host reads of the loss (progress bar, non-finite check)
 
 
+def train_step(run_model, criterion, optimizer, scaler, params: list, batch: dict, *, alpha: float, amp: str,
+               device: torch.device, grad_clip: float, compiled: bool = False) -> dict:
+    """One optimisation step on a device batch; returns the loss terms as device tensors (nothing is read
+    back to the host: the caller decides when). The Hungarian matching's cost transfer is the one copy."""
+    # allow_rnn: dynamo traces the highlight head's GRU instead of breaking the graph there
+    with _autocast(device, amp), torch._dynamo.config.patch(allow_rnn=compiled):
+        outputs = run_model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"], alpha=alpha)
+    outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+    losses = criterion(outputs, batch["targets"])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
 def make_optimizer(params: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW as the official code configures it, with the fused implementation where torch has one for
     this device (one kernel for all parameters, no per-parameter step read-back), else foreach."""
@@ -389,13 +407,9 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 t0 = time.perf_counter()
                 batch = _to_device(batch, device)
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
-                # allow_rnn: dynamo traces the highlight head's GRU instead of breaking the graph there
-                with _autocast(device, args.amp), torch._dynamo.config.patch(allow_rnn=args.compile):
-                    outputs = run_model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"],
-                                        alpha=alpha)
-                outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
                 try:
-                    losses = criterion(outputs, batch["targets"])
+                    losses = train_step(run_model, criterion, optimizer, scaler, params, batch, alpha=alpha,
+                                        amp=args.amp, device=device, grad_clip=cfg.grad_clip, compiled=args.compile)
                 except FloatingPointError as e:  # NaN predictions reach the matcher before the deferred check
                     raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {e}") from None
                 loss = losses["loss"]
@@ -407,12 +421,6 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                         raise TrainError(f"non-finite loss at epoch {epoch + 1} within steps "
                                          f"{step + 1 - CHECK_EVERY}..{step} (last step's terms: {terms})")
                     nonfinite = None
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 if not first_step_done:
