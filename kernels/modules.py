@@ -16,6 +16,11 @@ from reference.distill_align import DistillAlign
 from ._utils import resolve_backend
 
 
+def _is_exporting() -> bool:
+    fn = getattr(torch.compiler, "is_exporting", None)
+    return bool(fn and fn())
+
+
 def _needs_grad(module: torch.nn.Module, *inputs: Tensor) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -54,6 +59,8 @@ class TritonConvolutionalBlocks(ConvolutionalBlocks):
         """BN-folded weights for the kernel, cached per (dtype, device) and tensor versions."""
         from .conv_block import fold_block
 
+        if torch.compiler.is_compiling() or _is_exporting():  # traced (export / compile): fold in the graph
+            return [fold_block(b, dtype, device) for b in self.blocks]
         tensors = list(self.parameters()) + list(self.buffers())
         key = (dtype, device, tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
         cache = self.__dict__.setdefault("_folded_cache", {})

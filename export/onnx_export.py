@@ -1,0 +1,68 @@
+"""ONNX export (``torch.onnx.export(dynamo=True)``) with named inputs/outputs, dynamic batch / video length /
+text length, the config and feature contract as model metadata, optional onnxslim, atomic write."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model import INPUT_NAMES, OUTPUT_NAMES, Prepared, example_inputs
+
+
+def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None = None, dynamic: bool = True,
+                batch: int = 1, max_video_len: int | None = None, text_len: int = 32,
+                simplify: bool = False) -> Path:
+    """Write ``out`` (.onnx). ``dynamic``: batch, video length (2..max_video_len) and text length are
+    symbolic; otherwise the graph is fixed at (batch, max_video_len, text_len) and shorter videos/queries are
+    passed padded with their masks (the model is padding-invariant)."""
+    import onnx
+
+    cfg = prepared.cfg
+    limit = cfg.max_video_len or 75
+    t = max_video_len or limit
+    if t > limit:
+        raise ValueError(f"--max-video-len {t} exceeds the model's max video length {limit}")
+    x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len)
+    kwargs = {}
+    if dynamic:
+        b_dim = torch.export.Dim("batch", min=1, max=4096)
+        t_dim = torch.export.Dim("video_len", min=2, max=limit)
+        n_dim = torch.export.Dim("text_len", min=1, max=1024)
+        kwargs["dynamic_shapes"] = ({0: b_dim, 1: t_dim}, {0: b_dim, 1: t_dim}, {0: b_dim, 1: n_dim},
+                                    {0: b_dim, 1: n_dim})
+    torch._dynamo.reset()  # earlier torch.compile calls in this process must not leak specialisations into export
+    with torch.no_grad():
+        program = torch.onnx.export(prepared.module, x, dynamo=True, input_names=list(INPUT_NAMES),
+                                    output_names=list(OUTPUT_NAMES), opset_version=opset, verbose=False, **kwargs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        program.save(str(raw))
+        model = onnx.load(str(raw))
+        if simplify:
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        for key, value in prepared.metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        final = Path(tmp) / out.name
+        onnx.save(model, str(final))
+        onnx.checker.check_model(str(final))
+        os.replace(final, out)  # atomic: no half-written .onnx
+    return out
+
+
+def onnx_runner(path: str | os.PathLike):
+    """A callable (video, video_mask, text, text_mask) -> tuple of numpy outputs, on onnxruntime's CPU EP."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+    def run(*inputs):
+        return session.run(list(OUTPUT_NAMES), {n: v.numpy() for n, v in zip(INPUT_NAMES, inputs)})
+
+    return run

@@ -1,0 +1,117 @@
+"""``python -m export``: ONNX export + onnxruntime parity at three video lengths (one unseen) and two batch
+sizes, the metadata, the CLI's errors; the AOTInductor path's torch.export step (the compile is -m slow);
+TensorRT fails cleanly where it is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import save_checkpoint
+from export.__main__ import main
+from reference import LDDETR, LDDETRConfig
+
+REPO = Path(__file__).resolve().parents[1]
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A small-depth model with random weights and non-trivial BN statistics, saved as engine.train does."""
+    torch.manual_seed(0)
+    cfg = LDDETRConfig.preset("qvhighlights", v_feat_dim=24, t_feat_dim=16, queue_length=16,
+                              num_v2t_encoder_layers=1, num_encoder1_layers=1, num_encoder2_layers=1,
+                              num_convolutional_blocks=2, dim_feedforward=256)
+    model = LDDETR(cfg).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(model, path, feature_contract={"video_dirs": ["a"], "v_feat_dim": 24}, epoch=3)
+    return path
+
+
+def test_onnx_export_verifies_and_carries_metadata(ckpt, tmp_path):
+    """The CLI as users run it, in a fresh process (an earlier torch.compile in the same process can make the
+    dynamo exporter fall back to a static video length; the CLI never shares a process with one)."""
+    out = tmp_path / "model.onnx"
+    proc = subprocess.run([sys.executable, "-m", "export", "onnx", str(ckpt), "--out", str(out), "--verify"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "verification passed" in text and text.count(" yes") == 18  # 3 lengths x 2 batches x 3 outputs
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["ld_detr.config"])["num_convolutional_blocks"] == 2
+    assert json.loads(meta["ld_detr.feature_contract"])["v_feat_dim"] == 24
+    assert [i.name for i in model.graph.input] == ["video", "video_mask", "text", "text_mask"]
+    assert [o.name for o in model.graph.output] == ["pred_logits", "pred_spans", "saliency_scores"]
+    assert not list(tmp_path.glob("tmp*"))  # the temporary folder is gone
+
+
+def test_verify_catches_a_wrong_artifact(ckpt):
+    """A test that cannot fail is a defect: a runner that perturbs one output fails verification."""
+    from export.model import prepare
+    from export.verify import verify
+
+    prepared = prepare(ckpt)
+
+    def wrong(*x):
+        with torch.no_grad():
+            outs = [o.numpy() for o in prepared.module(*x)]
+        outs[2] = outs[2] * 1.01
+        return outs
+
+    result = verify(prepared, wrong, dynamic=True, batch=1, max_video_len=40, text_len=8)
+    assert not result["ok"]
+    assert {r["output"] for r in result["rows"] if not r["ok"]} == {"saliency_scores"}
+
+
+def test_aoti_export_program_runs(ckpt):
+    """The torch.export half of the AOTInductor path, with dynamic shapes, matches the module."""
+    from export.backends import export_program
+    from export.model import example_inputs, prepare
+
+    prepared = prepare(ckpt)
+    program = export_program(prepared, dynamic=True, batch=1, max_video_len=40, text_len=8)
+    x = example_inputs(prepared.cfg, 3, 40, 5, seed=3)  # another batch and text length; 40 clips (static)
+    x[1][1:, 29:] = False  # shorter videos through the mask
+    with torch.no_grad():
+        ref, got = prepared.module(*x), program.module()(*x)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_aoti_package_verifies(ckpt, tmp_path):
+    """AOTInductor compile + aoti_load_package + parity (minutes of C++ compilation on 2 CPU cores)."""
+    out = tmp_path / "model.pt2"
+    assert main(["aoti", str(ckpt), "--out", str(out), "--verify", "--max-video-len", "40"]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+def test_trt_without_tensorrt_fails_cleanly(ckpt, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("tensorrt and CUDA are present: the real path runs where they are")
+    assert main(["trt", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("tensorrt" in err[0].lower() or "CUDA" in err[0])
+
+
+def test_cli_errors(ckpt, tmp_path, capsys):
+    assert main(["onxx", str(ckpt)]) == 2
+    assert "did you mean 'onnx'" in capsys.readouterr().err
+    assert main(["onnx", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
