@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():  # run the Triton kernels in the CPU interpreter; must precede `import triton`
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference import LDDETRConfig
 
@@ -66,3 +69,35 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_synthetic")
     make_synthetic_dataset(root, n_train=16, n_val=8, min_clips=8, max_clips=12)
     return root
+
+
+@pytest.fixture
+def strict_fp32():
+    """On a GPU torch's fp32 convolutions default to TF32 (~1e-4 off); a reference must be true fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def randomize_bn_stats_(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm running statistics (fresh models have mean 0 / var 1), so BN folding matters."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    return model
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a region dispatches (``counts["aten._local_scalar_dense"]`` = host syncs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

@@ -3,38 +3,18 @@ padding, buckets, dtype, op-count gates (no host syncs), graph breaks, and what 
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import random_batch
+from conftest import OpCounter, random_batch, randomize_bn_stats_
 from engine.inference import Engine, build
 from reference import LDDETR
 
 KEYS = ("pred_logits", "pred_spans", "saliency_scores")
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _model(cfg) -> LDDETR:
-    model = LDDETR(cfg).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so the folding matters
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-    return model
+    return randomize_bn_stats_(LDDETR(cfg).eval())
 
 
 def _rel(a, b):

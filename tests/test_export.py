@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize_bn_stats_
 from engine import save_checkpoint
 from export.__main__ import main
 from reference import LDDETR, LDDETRConfig
@@ -29,13 +30,7 @@ def ckpt(tmp_path_factory):
     cfg = LDDETRConfig.preset("qvhighlights", v_feat_dim=24, t_feat_dim=16, queue_length=16,
                               num_v2t_encoder_layers=1, num_encoder1_layers=1, num_encoder2_layers=1,
                               num_convolutional_blocks=2, dim_feedforward=256)
-    model = LDDETR(cfg).eval()
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
+    model = randomize_bn_stats_(LDDETR(cfg).eval())
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(model, path, feature_contract={"video_dirs": ["a"], "v_feat_dim": 24}, epoch=3)
     return path

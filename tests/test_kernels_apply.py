@@ -13,29 +13,15 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 from reference import LDDETR  # noqa: E402
 
-from conftest import random_batch  # noqa: E402
+from conftest import random_batch, randomize_bn_stats_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture(autouse=True)
-def _strict_fp32():
-    """On a GPU torch's fp32 convolutions default to TF32 (~1e-4 off); the reference must be true fp32."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("strict_fp32")  # conftest: the torch reference in true fp32 on GPUs
 
 
 def _model(small_cfg):
-    model = LDDETR(small_cfg).to(DEVICE)
-    with torch.no_grad():  # non-trivial BN statistics, so folding matters
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-    return model
+    return randomize_bn_stats_(LDDETR(small_cfg).to(DEVICE))
 
 
 def _batch(cfg):

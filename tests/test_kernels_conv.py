@@ -19,14 +19,7 @@ from reference.conv_blocks import ConvolutionalBlocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-@pytest.fixture(autouse=True)
-def _strict_fp32():
-    """On a GPU torch's fp32 convolutions default to TF32 (~1e-4 off); the reference must be true fp32."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("strict_fp32")  # conftest: the torch reference in true fp32 on GPUs
 
 
 def make_blocks(d: int, n: int = 2) -> ConvolutionalBlocks:

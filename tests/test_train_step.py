@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import OpCounter
 from engine.data import MomentDataset, load_annotations, make_loader
 from engine.features import feature_spec_for
 from engine.train import TrainError, build_parser, make_optimizer, train, train_step
 from reference import LDDETR, LDDETRConfig
 from reference.losses import build_criterion
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_training_step_has_no_host_sync(tiny_synthetic):
