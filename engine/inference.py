@@ -81,8 +81,12 @@ class Engine(nn.Module):
             video = F.pad(video, (0, 0, 0, length - t))
             video_mask = F.pad(video_mask.bool(), (0, length - t), value=False)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype in HALF)
-        with autocast, torch._dynamo.config.patch(allow_rnn=True):
-            out = self.run(video, video_mask, text, text_mask)
+        if self.run is self.model:  # eager: no dynamo config to patch
+            with autocast:
+                out = self.model(video, video_mask, text, text_mask)
+        else:
+            with autocast, torch._dynamo.config.patch(allow_rnn=True):
+                out = self.run(video, video_mask, text, text_mask)
         mask = out["video_mask"][:, :t]
         return {"pred_logits": out["pred_logits"], "pred_spans": out["pred_spans"],
                 "saliency_scores": out["saliency_scores"][:, :t], "video_mask": mask}
