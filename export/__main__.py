@@ -60,11 +60,13 @@ def main(argv=None) -> int:
     if args.format is None:
         build_parser().print_help()
         return 2
+    from engine.checkpoint import CheckpointError
+
     from .backends import MissingDependency
 
     try:
         return _run(args)
-    except MissingDependency as e:
+    except (MissingDependency, CheckpointError) as e:  # a bad input: one line, no traceback
         print(f"export {args.format}: {e}", file=sys.stderr)
         return 2
 
@@ -83,6 +85,9 @@ def _run(args) -> int:
     prepared = prepare(args.ckpt)
     limit = prepared.cfg.max_video_len or 75
     t = args.max_video_len or limit
+    if not 2 <= t <= limit:
+        print(f"export: --max-video-len {t} exceeds the model's max video length {limit} (or is < 2)", file=sys.stderr)
+        return 2
     out = args.out or args.ckpt.with_suffix(FORMATS[args.format][0])
     start = time.perf_counter()
     print(f"exporting {args.ckpt} -> {out} ({args.format}, {'dynamic' if args.dynamic else 'static'} shapes)")

@@ -110,3 +110,9 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert "did you mean 'onnx'" in capsys.readouterr().err
     assert main(["onnx", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["onnx", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert main(["onnx", str(ckpt), "--max-video-len", "500"]) == 2
+    assert "exceeds the model's max video length" in capsys.readouterr().err
