@@ -1,5 +1,5 @@
-"""Interleaved timing on noisy machines: baseline and candidate alternate (ABAB...) in one process, and
-the result is the median of each plus the median (and spread) of the per-pair ratios."""
+"""Interleaved timing on noisy machines: the variants run round-robin (ABAB... for two) in one process, and
+the result is the median of each plus the median (and spread) of the per-round ratios."""
 
 from __future__ import annotations
 
@@ -16,26 +16,57 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def alternate(baseline: Callable[[], object], candidate: Callable[[], object], pairs: int = 15,
-              warmup: int = 2) -> dict:
-    """Time ``pairs`` (baseline, candidate) pairs, alternating which runs first; seconds."""
+def _quantile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def round_robin(fns: dict[str, Callable[[], object]], rounds: int = 15, calls: int = 1, warmup: int = 2,
+                baseline: str | None = None) -> dict[str, dict]:
+    """Time every variant once per round, the starting variant rotating each round; seconds per call.
+
+    Each timing is ``calls`` back-to-back calls between two device syncs, divided by ``calls`` (1: the
+    latency a caller sees; more: the pipelined time per call). Returns per variant ``median_s``, ``p10_s``,
+    ``p90_s``, ``times_s`` and, against ``baseline``, the per-round ``ratio_*`` (variant / baseline time)."""
+    names = list(fns)
+    if baseline is not None and baseline not in fns:
+        raise ValueError(f"baseline {baseline!r} is not one of {names}")
     for _ in range(warmup):
-        baseline(), candidate()
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in names}
     gc_was = gc.isenabled()
     gc.disable()
-    a, b = [], []
     try:
-        for i in range(pairs):
-            for fn, out in ((baseline, a), (candidate, b)) if i % 2 == 0 else ((candidate, b), (baseline, a)):
+        for r in range(rounds):
+            for k in names[r % len(names):] + names[: r % len(names)]:
+                fn = fns[k]
                 _sync()
                 t = time.perf_counter()
-                fn()
+                for _ in range(calls):
+                    fn()
                 _sync()
-                out.append(time.perf_counter() - t)
+                times[k].append((time.perf_counter() - t) / calls)
     finally:
         if gc_was:
             gc.enable()
-    ratios = sorted(y / x for x, y in zip(a, b))  # candidate / baseline per pair
-    q = lambda p: ratios[min(len(ratios) - 1, int(p * len(ratios)))]  # noqa: E731
-    return dict(baseline_median_s=statistics.median(a), candidate_median_s=statistics.median(b),
-                ratio_median=statistics.median(ratios), ratio_p10=q(0.1), ratio_p90=q(0.9), pairs=pairs)
+    out = {}
+    for k, ts in times.items():
+        row = dict(median_s=statistics.median(ts), p10_s=_quantile(ts, 0.1), p90_s=_quantile(ts, 0.9), times_s=ts,
+                   rounds=rounds, calls=calls)
+        if baseline is not None:
+            ratios = [y / x for x, y in zip(times[baseline], ts)]
+            row.update(baseline=baseline, ratio_median=statistics.median(ratios), ratio_p10=_quantile(ratios, 0.1),
+                       ratio_p90=_quantile(ratios, 0.9))
+        out[k] = row
+    return out
+
+
+def alternate(baseline: Callable[[], object], candidate: Callable[[], object], pairs: int = 15,
+              warmup: int = 2) -> dict:
+    """Time ``pairs`` (baseline, candidate) pairs, alternating which runs first; seconds. ``ratio_*`` is
+    candidate / baseline per pair."""
+    res = round_robin({"baseline": baseline, "candidate": candidate}, rounds=pairs, warmup=warmup, baseline="baseline")
+    c = res["candidate"]
+    return dict(baseline_median_s=res["baseline"]["median_s"], candidate_median_s=c["median_s"],
+                ratio_median=c["ratio_median"], ratio_p10=c["ratio_p10"], ratio_p90=c["ratio_p90"], pairs=pairs)

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
         if name == "onnx":
             s.add_argument("--simplify", action="store_true", help="run onnxslim on the graph")
+        if name == "aoti":
+            s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                           help="device the package is compiled for and runs on (default: cpu)")
         if name == "trt":
             prec = s.add_mutually_exclusive_group()
             prec.add_argument("--fp16", action="store_true")
@@ -82,7 +85,16 @@ def _run(args) -> int:
     if not args.ckpt.is_file():
         print(f"export: checkpoint not found: {args.ckpt}", file=sys.stderr)
         return 2
-    prepared = prepare(args.ckpt)
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("export aoti: --device cuda needs a CUDA GPU (none visible to torch)", file=sys.stderr)
+            return 2
+        # true fp32 (no TF32) in the package and in the PyTorch side of --verify
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    prepared = prepare(args.ckpt, device=device)
     limit = prepared.cfg.max_video_len or 75
     t = args.max_video_len or limit
     if not 2 <= t <= limit:
@@ -102,7 +114,7 @@ def _run(args) -> int:
 
         export_aoti(prepared, out, dynamic=args.dynamic, batch=args.batch, max_video_len=t, text_len=args.text_len)
         out.with_suffix(".json").write_text(json.dumps(prepared.metadata, indent=1))
-        runner = aoti_runner
+        runner = lambda path: aoti_runner(path, device)  # noqa: E731
     else:
         from .backends import build_trt_engine, trt_runner
         from .onnx_export import export_onnx

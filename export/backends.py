@@ -28,7 +28,8 @@ def _dynamic_shapes():
 
 def export_program(prepared: Prepared, *, dynamic: bool, batch: int, max_video_len: int, text_len: int):
     """torch.export of the inference module (the first half of the AOTInductor path)."""
-    x = example_inputs(prepared.cfg, max(batch, 2) if dynamic else batch, max_video_len, text_len)
+    x = example_inputs(prepared.cfg, max(batch, 2) if dynamic else batch, max_video_len, text_len,
+                       device=prepared.device)
     torch._dynamo.reset()  # earlier torch.compile calls in this process must not leak into export
     with torch.no_grad():
         return torch.export.export(prepared.module, x, dynamic_shapes=_dynamic_shapes() if dynamic else None)
@@ -48,12 +49,13 @@ def export_aoti(prepared: Prepared, out: str | os.PathLike, *, dynamic: bool = T
     return out
 
 
-def aoti_runner(path: str | os.PathLike):
+def aoti_runner(path: str | os.PathLike, device: str = "cpu"):
+    """numpy outputs from CPU tensors in (the package runs on the device it was compiled for)."""
     compiled = torch._inductor.aoti_load_package(os.fspath(path))
 
     def run(*inputs):
         with torch.no_grad():
-            return [o.numpy() for o in compiled(*inputs)]
+            return [o.cpu().numpy() for o in compiled(*(x.to(device) for x in inputs))]
 
     return run
 

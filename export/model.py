@@ -33,16 +33,17 @@ class Prepared:
     cfg: object
     metadata: dict[str, str]
     source: str
+    device: str = "cpu"
 
 
-def prepare(checkpoint: str | os.PathLike) -> Prepared:
-    """Load a checkpoint written by engine.train and build the engine's inference model from it (CPU, fp32,
-    no kernels: export traces plain torch ops)."""
+def prepare(checkpoint: str | os.PathLike, device: str = "cpu") -> Prepared:
+    """Load a checkpoint written by engine.train and build the engine's inference model from it (fp32, no
+    kernels: export traces plain torch ops; ``device`` "cuda" for a GPU AOTInductor package)."""
     from engine.checkpoint import load_checkpoint
     from engine.inference import build
 
     model, meta = load_checkpoint(checkpoint)
-    eng = build(model, device="cpu", kernels_backend="torch", buckets=())
+    eng = build(model, device=device, kernels_backend="torch", buckets=(), text_buckets=(), cuda_graphs=False)
     metadata = {
         "ld_detr.config": json.dumps(model.cfg.to_dict()),
         "ld_detr.feature_contract": json.dumps(meta.get("feature_contract")),
@@ -51,11 +52,11 @@ def prepare(checkpoint: str | os.PathLike) -> Prepared:
         "ld_detr.checkpoint": os.path.basename(os.fspath(checkpoint)),
         "ld_detr.epoch": str(meta.get("epoch")),
     }
-    return Prepared(ExportModule(eng.model).eval(), model.cfg, metadata, os.fspath(checkpoint))
+    return Prepared(ExportModule(eng.model).eval(), model.cfg, metadata, os.fspath(checkpoint), device)
 
 
 def example_inputs(cfg, batch: int, video_len: int, text_len: int, *, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Random features (never zeros) with per-sample valid lengths (the first sample unpadded)."""
     g = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, video_len, cfg.v_feat_dim, generator=g).to(dtype)
@@ -65,4 +66,4 @@ def example_inputs(cfg, batch: int, video_len: int, text_len: int, *, seed: int 
     vlen[0], tlen[0] = video_len, text_len
     video_mask = torch.arange(video_len)[None] < vlen[:, None]
     text_mask = torch.arange(text_len)[None] < tlen[:, None]
-    return video, video_mask, text, text_mask
+    return tuple(x.to(device) for x in (video, video_mask, text, text_mask))

@@ -27,7 +27,7 @@ def verify(prepared: Prepared, runner, *, dynamic: bool, batch: int, max_video_l
             pad = t - length
             x = (torch.nn.functional.pad(x[0], (0, 0, 0, pad)), torch.nn.functional.pad(x[1], (0, pad)), x[2], x[3])
         with torch.no_grad():
-            ref = [r.numpy() for r in prepared.module(*x)]
+            ref = [r.cpu().numpy() for r in prepared.module(*(v.to(prepared.device) for v in x))]
         got = runner(*x)
         for name, r, g in zip(OUTPUT_NAMES, ref, got):
             g = np.asarray(g)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():  # run the Triton kernels in the CPU interpret
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.engine_cases import randomize_bn_stats_  # noqa: F401 - re-exported to the tests
 from reference import LDDETRConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -78,17 +79,6 @@ def strict_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def randomize_bn_stats_(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BatchNorm running statistics (fresh models have mean 0 / var 1), so BN folding matters."""
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
-    return model
 
 
 class OpCounter(TorchDispatchMode):

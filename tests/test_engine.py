@@ -161,3 +161,45 @@ def test_same_top1_windows_on_synthetic_val(tiny_synthetic, small_cfg):
     assert [r["qid"] for r in ref] == [r["qid"] for r in eng]
     for a, b in zip(ref, eng):
         assert a["pred_relevant_windows"][0][:2] == b["pred_relevant_windows"][0][:2], a["qid"]
+
+
+def test_text_buckets_pad_and_give_the_same_outputs(fresh_seed, small_cfg):
+    model = _model(small_cfg)
+    eng = build(model, device="cpu", buckets=(48, 75), text_buckets=(8, 16))
+    assert eng.text_bucket_length(9) == 16 and eng.text_bucket_length(3) == 8 and eng.text_bucket_length(20) == 20
+    batch = random_batch(small_cfg, [37, 30, 25], [7, 5, 9])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < 1e-4, key
+
+
+def test_cuda_graph_options(small_cfg):
+    model = _model(small_cfg)
+    assert build(model, device="cpu").graph_max_batch == 0  # "auto": CUDA only
+    with pytest.raises(ValueError, match="CUDA device"):
+        build(model, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        build(model, device="cpu", cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_matches_eager(fresh_seed, small_cfg, dtype, strict_fp32):
+    """One graph per input shape; replays equal the eager engine on new inputs; returned tensors are not the
+    graph's static buffers (a later replay leaves them alone)."""
+    model = _model(small_cfg).cuda()
+    eager = build(model, device="cuda", dtype=dtype, cuda_graphs=False)
+    graphed = build(model, device="cuda", dtype=dtype, cuda_graphs=True)
+    first = None
+    for lengths, tl in (([37, 29, 33], [7, 5, 9]), ([37, 30, 20], [6, 5, 9]), ([75], [12]), ([75], [3])):
+        batch = [x.cuda() for x in random_batch(small_cfg, lengths, tl)]
+        ref, out = eager(*batch), graphed(*batch)
+        for key in KEYS:
+            assert _rel(out[key], ref[key]) < (1e-5 if dtype == torch.float32 else 1e-3), key
+        if first is None:
+            first, kept = out, {k: v.clone() for k, v in out.items()}
+    assert graphed.num_graphs == 3  # shapes (B, T bucket, N bucket): (3, 75, 16) twice, (1, 75, 16), (1, 75, 8)
+    for k in KEYS:
+        assert torch.equal(first[k], kept[k]), k

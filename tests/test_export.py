@@ -116,3 +116,6 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
     assert main(["onnx", str(ckpt), "--max-video-len", "500"]) == 2
     assert "exceeds the model's max video length" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["aoti", str(ckpt), "--device", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
