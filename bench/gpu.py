@@ -191,6 +191,53 @@ class Run:
                                      "engine_graph": lambda: graph(*x)}, batch=1, dtype=dtype, rounds=4 * self.rounds,
                       extra=dict(graphs_captured=graph.num_graphs))
 
+    def profile(self, dtype: str = "bf16") -> None:
+        """Where the B=1 GPU time goes: torch.profiler over eager engine calls, kernels grouped by name and by
+        the model's top-level components (record_function ranges from forward hooks)."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        dt_ = torch.bfloat16 if dtype == "bf16" else torch.float32
+        eng = self.engine(dt_, cuda_graphs=False)
+        model = eng.model
+        parts = [(n, m) for n, m in model.named_children() if n not in ("momentum_video_encoder", "momentum_text_encoder")]
+        parts += [(f"convolutional_fuser.{n}", m) for n, m in model.convolutional_fuser.named_children()]
+        parts += [(f"prediction_heads.{n}", m) for n, m in
+                  model.prediction_heads.highlight_detection_prediction_head.named_children()]
+        handles, stack = [], []
+        for name, mod in parts:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: stack.append(record_function("part::" + name).__enter__())))
+            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop().__exit__(None, None, None)))
+        x = self.inputs(1)
+        with precision("tf32"):
+            for _ in range(3):
+                eng(*x)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    eng(*x)
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+        for h in handles:
+            h.remove()
+        ev = prof.key_averages()
+        dev = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+        self_dev = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        kernels = sorted((e for e in ev if self_dev(e) > 0 and not e.key.startswith("part::")), key=self_dev,
+                         reverse=True)
+        total = sum(self_dev(e) for e in kernels) / 5
+        n_kernels = sum(e.count for e in kernels if self_dev(e) > 0) / 5
+        top = [dict(name=e.key[:90], calls_per_forward=e.count / 5, us_per_forward=self_dev(e) / 5) for e in kernels[:25]]
+        comps = [dict(part=e.key[6:], calls=e.count / 5, device_us_per_forward=dev(e) / 5, cpu_us_per_forward=
+                      e.cpu_time_total / 5) for e in ev if e.key.startswith("part::")]
+        self.res["profile"] = dict(dtype=dtype, batch=1, device_us_per_forward=total, ops_with_device_time=n_kernels,
+                                   top=top, parts=sorted(comps, key=lambda c: -c["device_us_per_forward"]))
+        print(f"  profile B1 {dtype}: {total:.0f} us device time, {n_kernels:.0f} device ops per forward", flush=True)
+        for c in self.res["profile"]["parts"]:
+            print(f"    {c['part']:<48} {c['device_us_per_forward']:8.1f} us  cpu {c['cpu_us_per_forward']:8.1f} us")
+        for t in top[:12]:
+            print(f"    {t['name']:<70} x{t['calls_per_forward']:<5.0f} {t['us_per_forward']:8.1f} us")
+
     def throughput_eager(self, dtype: str) -> None:
         dt_ = torch.bfloat16 if dtype == "bf16" else torch.float32
         with precision("tf32"):
@@ -389,16 +436,17 @@ def main(argv=None) -> int:
     print(json.dumps(run.res["header"], indent=1), flush=True)
     stages = [  # (name, estimated seconds, job) in priority order
         ("ceilings", 10, lambda: run.res["ceilings"].update(ceilings(run.device, args.smoke))),
-        ("parity", 20, run.parity),
+        ("parity", 25, run.parity),
         ("latency_b1_bf16", 10, lambda: run.latency_eager("bf16")),
         ("latency_b1_tf32", 10, lambda: run.latency_eager("tf32")),
         ("throughput_bf16", 15, lambda: run.throughput_eager("bf16")),
+        ("profile_b1_bf16", 15, lambda: run.profile("bf16")),
         ("train_step", 25, lambda: run.training(compiled=False)),
         ("compiled_b1_bf16", 80, lambda: run.compiled("bf16", 1)),
-        ("compiled_b256_bf16", 70, lambda: run.compiled("bf16", run.big)),
-        ("train_step_compiled", 120, lambda: run.training(compiled=True)),
         ("compiled_b1_tf32", 70, lambda: run.compiled("tf32", 1)),
+        ("train_step_compiled", 120, lambda: run.training(compiled=True)),
         ("aoti", 120, run.aoti),
+        ("compiled_b256_bf16", 70, lambda: run.compiled("bf16", run.big)),
         ("throughput_tf32", 15, lambda: run.throughput_eager("tf32")),
         ("kernels", 60, run.kernels),
         ("pytest_gpu", 60, run.pytest_gpu),

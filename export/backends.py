@@ -20,9 +20,13 @@ class MissingDependency(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 def _dynamic_shapes():
     """Symbolic batch and text length; the video length stays static (torch.export specialises it), so a
-    shorter video is padded to the exported length with its mask, which is exact (padding-invariant model)."""
-    b = torch.export.Dim("batch", min=1, max=4096)
-    n = torch.export.Dim("text_len", min=1, max=1024)
+    shorter video is padded to the exported length with its mask, which is exact (padding-invariant model).
+
+    ``Dim.DYNAMIC`` (not a named ``Dim`` with a range): on CUDA the attention kernels add guards such as
+    ``min(N, 8 N) == N`` that the range solver cannot prove and rejects; DYNAMIC keeps them as runtime checks."""
+    dyn = getattr(torch.export.Dim, "DYNAMIC", None)
+    b = dyn if dyn is not None else torch.export.Dim("batch", min=1, max=4096)
+    n = dyn if dyn is not None else torch.export.Dim("text_len", min=1, max=1024)
     return ({0: b}, {0: b}, {0: b, 1: n}, {0: b, 1: n})
 
 

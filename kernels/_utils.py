@@ -6,6 +6,7 @@ names the tensor, the value and the limit.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -25,10 +26,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_available() -> bool:
-    import importlib.util
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # looked up once: dynamo cannot trace find_spec
 
-    return importlib.util.find_spec("triton") is not None
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -32,6 +32,7 @@ class TritonConvolutionalBlocks(ConvolutionalBlocks):
 
     The kernel runs in eval mode when no gradient is needed (``torch.no_grad()`` / ``inference_mode``), on
     BN-folded weights that are computed once and refolded only when a parameter or BN statistic changes.
+    Under ``torch.compile`` the folded torch convolutions are traced instead (inductor fuses around them).
     Train mode, or eval with gradients, runs the reference torch ops (BN batch statistics; autograd).
     """
 
@@ -46,7 +47,9 @@ class TritonConvolutionalBlocks(ConvolutionalBlocks):
         from .conv_block import residual_block_stack, residual_block_torch
 
         mask = vid_mask if vid_mask.dtype == torch.bool else vid_mask != 0
-        if resolve_backend(self.kernel_backend, x.device) == "torch":
+        # under torch.compile / export the folded torch convolutions are traced and inductor fuses their
+        # epilogues itself (a user Triton kernel inside a compiled graph is not worth the capture risk here)
+        if torch.compiler.is_compiling() or resolve_backend(self.kernel_backend, x.device) == "torch":
             if not self.fold_bn_torch:
                 return super().forward(x, vid_mask)
             for fb in self.folded(x.dtype, x.device):

@@ -236,6 +236,8 @@ if triton is not None:
     ):
         """Partial dq (before the sum over programs) and partial dtau = -(1/tau) sum_j dS_ij S_ij, same grid
         as forward."""
+        alpha = tl.cast(alpha, tl.float32)  # a float scalar arrives as fp64 from torch.compile (inductor)
+        diag_weight = tl.cast(diag_weight, tl.float32)
         pid_c = tl.program_id(0).to(tl.int64)
         pid_b = tl.program_id(1).to(tl.int64)
 
@@ -282,6 +284,8 @@ if triton is not None:
         """One program: merge the (5, P, B) forward partials (plane = P * B) into lse, lse_m (B,) and the scalar
         loss = mean_i(lse_i - alpha * w_i / sm_i - diag_weight * S_ii) (two passes over P: maxima, then
         rescaled sums)."""
+        alpha = tl.cast(alpha, tl.float32)  # a float scalar arrives as fp64 from torch.compile (inductor)
+        diag_weight = tl.cast(diag_weight, tl.float32)
         total = tl.zeros([BLOCK_B], tl.float32)
         for r0 in range(0, B, BLOCK_B):
             offs_b = r0 + tl.arange(0, BLOCK_B)
@@ -551,25 +555,31 @@ class QueueStreamLoss(torch.autograd.Function):
     of the Distill-Align loss with the diagonal term in the kernels (program 0 holds the keys_m tile, so S_ii
     costs nothing there and saves the handful of torch ops -- and their CPU launch time -- of doing it
     outside). Gradients flow to ``q`` and ``tau`` only (qm, keys_m, queue are detached momentum features).
+
+    The gradients for a unit upstream gradient are computed in ``forward`` (the second pass over the queue,
+    which backward would otherwise make) and only scaled in ``backward``: the queue is not saved for backward,
+    so the training forward may enqueue into it in place (the model does, right after the loss), and the
+    queue bytes read per step are the same.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, qm: Tensor, keys_m: Tensor, queue: Tensor, tau: Tensor, alpha: float,
                 precision: str = "auto", diag_weight: float = 0.0) -> Tensor:
         loss, lse, lse_m = _stream_forward(q, qm, keys_m, queue, tau, alpha, precision, diag_weight)
-        ctx.save_for_backward(q, qm, keys_m, queue, tau, lse, lse_m)
-        ctx.alpha, ctx.precision, ctx.diag_weight = float(alpha), precision, float(diag_weight)
+        dq = dtau = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            one = torch.ones((), dtype=torch.float32, device=q.device)
+            dq, dtau = _stream_backward(q, qm, keys_m, queue, tau, float(alpha), lse, lse_m, one, precision,
+                                        float(diag_weight), validate=False)
+        ctx.save_for_backward(dq, dtau)
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, qm, keys_m, queue, tau, lse, lse_m = ctx.saved_tensors
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]):
-            return None, None, None, None, None, None, None, None
-        dq, dtau = _stream_backward(q, qm, keys_m, queue, tau, ctx.alpha, lse, lse_m, grad, ctx.precision,
-                                    ctx.diag_weight, validate=False)
-        return (dq if ctx.needs_input_grad[0] else None), None, None, None, \
-            (dtau if ctx.needs_input_grad[4] else None), None, None, None
+        dq, dtau = ctx.saved_tensors
+        dq = dq * grad.to(dq.dtype) if ctx.needs_input_grad[0] else None
+        dtau = dtau * grad.to(dtau.dtype) if ctx.needs_input_grad[4] else None
+        return dq, None, None, None, dtau, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -614,8 +624,12 @@ def distill_align_loss(gv: Tensor, gt: Tensor, gv_m: Tensor, gt_m: Tensor, txt_q
     gv_m, gt_m, txt_queue, vid_queue = (t if t.dtype == dt else t.detach().to(dt)
                                         for t in (gv_m, gt_m, txt_queue, vid_queue))
     # one direction each: stream - (1 - alpha) * mean_i S_ii, the diagonal S_ii taken in the kernels
-    loss_v2t = QueueStreamLoss.apply(gv, gv_m, gt_m, txt_queue, tau, float(alpha), precision, 1.0 - alpha)
-    loss_t2v = QueueStreamLoss.apply(gt, gt_m, gv_m, vid_queue, tau, float(alpha), precision, 1.0 - alpha)
+    if torch.is_grad_enabled() and (gv.requires_grad or gt.requires_grad or tau.requires_grad):
+        loss_v2t = QueueStreamLoss.apply(gv, gv_m, gt_m, txt_queue, tau, float(alpha), precision, 1.0 - alpha)
+        loss_t2v = QueueStreamLoss.apply(gt, gt_m, gv_m, vid_queue, tau, float(alpha), precision, 1.0 - alpha)
+    else:  # no gradient wanted: the forward pass alone (QueueStreamLoss would also compute the gradients)
+        loss_v2t = _stream_forward(gv, gv_m, gt_m, txt_queue, tau, float(alpha), precision, 1.0 - alpha)[0]
+        loss_t2v = _stream_forward(gt, gt_m, gv_m, vid_queue, tau, float(alpha), precision, 1.0 - alpha)[0]
     return (loss_v2t + loss_t2v) / 2
 
 

@@ -158,6 +158,31 @@ def test_only_q_needs_grad(device):
     assert q.grad is not None and tau.grad is None and torch.isfinite(q.grad).all()
 
 
+def test_queue_may_change_before_backward_and_no_grad_skips_the_gradient_pass(monkeypatch, device):
+    """The training forward enqueues into the queue in place between the loss and backward: the gradients
+    must be those of the queue the loss saw. Under no_grad the gradient pass is not run at all."""
+    import kernels.queue_loss as ql
+
+    mod, feats = reference_case(4, 32, 64, 0.07, device)
+    ref = run_reference(mod, feats, 0.4)
+    gv, gt, gv_m, gt_m = (f.clone().requires_grad_(i < 2) for i, f in enumerate(feats))
+    tau = mod.temp.detach().clone().requires_grad_(True)
+    txt_queue, vid_queue = mod.txt_queue.clone(), mod.vid_queue.clone()
+    loss = distill_align_loss(gv, gt, gv_m, gt_m, txt_queue, vid_queue, tau, 0.4, precision="ieee", backend="triton")
+    txt_queue[:, :4] = gt_m.detach().t()  # what DistillAlign.enqueue does
+    vid_queue[:, :4] = gv_m.detach().t()
+    loss.backward()
+    for name, a, r in zip(("loss_align", "d gv", "d gt", "d temp"), (loss.detach(), gv.grad, gt.grad, tau.grad), ref):
+        assert_close(a, r, name)
+    calls = []
+    monkeypatch.setattr(ql, "_stream_backward", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        again = distill_align_loss(gv, gt, gv_m, gt_m, mod.txt_queue, mod.vid_queue, tau, 0.4, precision="ieee",
+                                   backend="triton")
+    assert not calls
+    assert_close(again, ref[0], "loss_align (no_grad)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
 def test_half_precision_stream_loss(dtype, device):
     """fp16 (and bf16 on GPU; the interpreter computes bf16 wrong) against fp64 at 1e-2."""
