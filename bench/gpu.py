@@ -242,7 +242,7 @@ class Run:
         dt_ = torch.bfloat16 if dtype == "bf16" else torch.float32
         with precision("tf32"):
             x = self.inputs(self.big)
-            eng, graph = self.engine(dt_, cuda_graphs=False), self.engine(dt_, graph_max_batch=self.big)
+            eng, graph = self.engine(dt_, cuda_graphs=False), self.engine(dt_, graph_max_batch=max(self.big, 256))
             self.time("throughput", {"reference": reference_forward(self.model, x, dt_), "engine": lambda: eng(*x),
                                      "engine_graph": lambda: graph(*x)}, batch=self.big, dtype=dtype,
                       rounds=self.rounds, calls=3, extra=dict(graphs_captured=graph.num_graphs))

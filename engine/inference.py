@@ -11,8 +11,11 @@ reference forward in eval mode):
   two 64 MiB Distill-Align queues (eval never reads them);
 * the Convolutional Blocks run on BN-folded weights: the fused Triton kernel on CUDA
   (``kernels.apply``), folded torch convolutions elsewhere;
-* ``dtype=torch.bfloat16`` / ``float16`` runs under autocast (weights stay fp32, so every op keeps the
-  reference's own precision rules);
+* ``dtype=torch.bfloat16`` / ``float16`` runs under autocast, so every op keeps the reference's own
+  precision rules; the weights that autocast would cast on every use (the ``nn.Linear`` and attention
+  projections: autocast does not cache casts of weights that need no grad, and the Loop Decoder reuses
+  its weights ``decoder_loops`` times) are stored in that dtype once, which gives bit-identical outputs
+  without the ~480 cast kernels per forward the profiler counted at B=1 (``bench/results`` run4);
 * optional static-shape buckets: a video shorter than a bucket is padded to it and masked, which leaves
   the outputs unchanged because the reference is padding-invariant (tested), and gives
   ``torch.compile``/CUDA graphs one shape per bucket. Default: the preset's max video length on CUDA, none
@@ -22,7 +25,7 @@ reference forward in eval mode):
   the whole forward, also with ``fullgraph=True`` — zero graph breaks, because the highlight head's GRU is
   traced with ``torch._dynamo.config.allow_rnn`` (patched around each call, not set globally). Tested with
   dynamo's ``explain`` and parity;
-* optional CUDA graphs (``cuda_graphs``; default on CUDA for batches up to 32): the forward (eager or
+* optional CUDA graphs (``cuda_graphs``; default on CUDA for batches up to 256): the forward (eager or
   compiled) is captured once per input shape — (video batch, text batch, video bucket, text bucket) — into
   a manual ``torch.cuda.CUDAGraph`` sharing one memory pool, then replayed: inputs are copied into static
   buffers, outputs are copied out (a caller never sees a buffer the next replay overwrites). The graph
@@ -48,7 +51,9 @@ from reference import LDDETR
 from .checkpoint import load_checkpoint
 
 HALF = (torch.bfloat16, torch.float16)
-GRAPH_MAX_BATCH = 32  # default largest batch captured in a CUDA graph (above it, launches are amortised)
+# default largest batch captured in a CUDA graph: even B=256 is launch-bound in eager (H200, run4: bf16
+# 27.7 ms eager vs 11.2 ms replayed), so graphs pay at every batch size measured
+GRAPH_MAX_BATCH = 256
 GRAPH_MAX_SHAPES = 64  # captured shapes kept before the oldest is dropped (each holds its static buffers)
 
 
@@ -172,6 +177,25 @@ class Engine(nn.Module):
                 "saliency_scores": out["saliency_scores"][:, :t], "video_mask": out["video_mask"][:, :t]}
 
 
+def _precast_weights(model: LDDETR, dtype: torch.dtype) -> int:
+    """Store the parameters that only ever feed autocast's lower-precision ops (``nn.Linear`` weights and
+    biases, attention in-projections) in ``dtype``: autocast would cast them to exactly these values on every
+    use. The Convolutional Blocks keep fp32 (they are BN-folded from fp32), and so do norms and the GRU.
+    Returns the number of tensors converted."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            params = [m.weight] + ([m.bias] if m.bias is not None else [])
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            params = [m.in_proj_weight] + ([m.in_proj_bias] if m.in_proj_bias is not None else [])
+        else:
+            continue
+        for p in params:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
 def _strip_training_state(model: LDDETR) -> None:
     """Drop what only training reads: momentum encoders and the Distill-Align queues."""
     model.momentum_video_encoder = None
@@ -186,7 +210,8 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
           dtype: torch.dtype = torch.float32, kernels_backend: str = "auto", kernels_precision: str = "auto",
           buckets: Iterable[int] | str | None = "auto", text_buckets: Iterable[int] | str | None = "auto",
           compile: str | None = None, compile_backend: str = "inductor", compile_mode: str | None = None,
-          cuda_graphs: bool | str = "auto", graph_max_batch: int = GRAPH_MAX_BATCH) -> Engine:
+          cuda_graphs: bool | str = "auto", graph_max_batch: int = GRAPH_MAX_BATCH,
+          precast_weights: bool = True) -> Engine:
     """An inference :class:`Engine` from a reference model (copied; the original is untouched) or a
     checkpoint written by ``engine.train``.
 
@@ -196,7 +221,8 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
     the query length ("auto" on CUDA: multiples of 8 up to ``max_q_l``). ``compile``: None, "decoder"
     (the Loop Decoder) or "model" (the whole forward), each with ``fullgraph=True``; ``compile_mode`` is
     passed to ``torch.compile``. ``cuda_graphs``: "auto" (on CUDA), True or False — capture and replay
-    one CUDA graph per input shape for batches up to ``graph_max_batch``.
+    one CUDA graph per input shape for batches up to ``graph_max_batch``. ``precast_weights``: with a half
+    ``dtype``, store the linear/attention weights in it once (bit-identical to autocast's per-use casts).
     """
     if compile not in (None, "decoder", "model"):
         raise ValueError(f"compile must be None, 'decoder' or 'model', got {compile!r}")
@@ -213,6 +239,8 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
     _strip_training_state(model)
     model.to(device)
     kernels.apply(model, kernels_backend, kernels_precision)
+    if precast_weights and dtype in HALF:
+        _precast_weights(model, dtype)
     for m in model.modules():
         if isinstance(m, TritonConvolutionalBlocks):
             m.fold_bn_torch = True

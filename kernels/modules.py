@@ -13,7 +13,7 @@ from torch import Tensor
 from reference.conv_blocks import ConvolutionalBlocks
 from reference.distill_align import DistillAlign
 
-from ._utils import resolve_backend
+from ._utils import dot_precision, resolve_backend
 
 
 def _is_exporting() -> bool:
@@ -76,13 +76,23 @@ class TritonConvolutionalBlocks(ConvolutionalBlocks):
 
 class TritonDistillAlign(DistillAlign):
     """Distill Align whose loss_align streams each queue once through the fused Triton kernel
-    (``kernels.queue_loss``); loss_sim, the temperature clamp and the enqueue stay the reference's."""
+    (``kernels.queue_loss``); loss_sim, the temperature clamp and the enqueue stay the reference's.
+
+    With ``precision="auto"`` on fp32 features at torch's default matmul precision ("highest", i.e. exact
+    fp32), the torch path runs: the kernel's exact-fp32 ("ieee") dots measured 3.6x slower than torch's
+    fp32 cuBLAS on an H200 (loss forward 2.10 ms vs 0.58 ms, ``bench/results`` run3), while its TF32 variant
+    is 2.6x faster (0.23 ms). ``torch.set_float32_matmul_precision("high")`` (or bf16 autocast) selects the
+    kernel; an explicit ``precision="ieee"`` forces it.
+    """
 
     kernel_backend: str = "auto"
     kernel_precision: str = "auto"
 
+    def _exact_fp32_is_slower(self, gv: Tensor) -> bool:
+        return self.kernel_precision == "auto" and gv.dtype == torch.float32 and dot_precision("auto") == "ieee"
+
     def align_loss(self, gv: Tensor, gt: Tensor, gv_m: Tensor, gt_m: Tensor, alpha: float) -> Tensor:
-        if resolve_backend(self.kernel_backend, gv.device) == "torch":
+        if resolve_backend(self.kernel_backend, gv.device) == "torch" or self._exact_fp32_is_slower(gv):
             return super().align_loss(gv, gt, gv_m, gt_m, alpha)
         from .queue_loss import distill_align_loss
 

@@ -203,3 +203,34 @@ def test_cuda_graph_replay_matches_eager(fresh_seed, small_cfg, dtype, strict_fp
     assert graphed.num_graphs == 3  # shapes (B, T bucket, N bucket): (3, 75, 16) twice, (1, 75, 16), (1, 75, 8)
     for k in KEYS:
         assert torch.equal(first[k], kept[k]), k
+
+
+def test_bf16_precast_weights_are_bit_identical_and_skip_the_casts(fresh_seed, small_cfg):
+    """Storing the linear/attention weights in bf16 once gives exactly autocast's per-use casts, with far
+    fewer cast ops per forward (the Loop Decoder reuses its weights every loop)."""
+    model = _model(small_cfg)
+    plain = build(model, device="cpu", dtype=torch.bfloat16, precast_weights=False)
+    fast = build(model, device="cpu", dtype=torch.bfloat16)
+    assert fast.model.loop_decoder.transformer_decoder.layers[0].sa_qcontent_proj.weight.dtype == torch.bfloat16
+    assert plain.model.loop_decoder.transformer_decoder.layers[0].sa_qcontent_proj.weight.dtype == torch.float32
+    batch = random_batch(small_cfg, [37, 30], [7, 5])
+
+    def run_counting_decoder_ops(eng):
+        """The Loop Decoder's ops (an OpCounter over the whole forward trips the CPU GRU under autocast)."""
+        counter = OpCounter()
+        dec = eng.model.loop_decoder
+        hooks = [dec.register_forward_pre_hook(lambda *a: None if counter.__enter__() else None),
+                 dec.register_forward_hook(lambda *a: None if counter.__exit__(None, None, None) else None)]
+        try:
+            return eng(*batch), counter
+        finally:
+            for h in hooks:
+                h.remove()
+
+    a, plain_ops = run_counting_decoder_ops(plain)
+    b, fast_ops = run_counting_decoder_ops(fast)
+    for key in KEYS:
+        assert torch.equal(a[key], b[key]), key
+    casts = lambda ops: ops.counts["aten.to"] + ops.counts["aten._to_copy"]  # noqa: E731
+    print("cast ops per Loop Decoder pass:", casts(plain_ops), "->", casts(fast_ops))
+    assert casts(fast_ops) < casts(plain_ops) / 3

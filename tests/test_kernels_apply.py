@@ -74,3 +74,28 @@ def test_apply_torch_backend_is_the_reference(small_cfg):
     with torch.no_grad():
         a, b = ref(*batch), model(*batch)
     assert torch.equal(a["pred_spans"], b["pred_spans"])
+
+
+def test_auto_precision_picks_the_queue_kernel_only_where_it_is_faster(monkeypatch, small_cfg):
+    """precision "auto": fp32 features at torch's "highest" matmul precision keep the torch path (the exact
+    kernel is slower than cuBLAS fp32); "high" (TF32 allowed) runs the kernel; explicit "ieee" forces it."""
+    import kernels.queue_loss as ql
+
+    calls = []
+    real = ql.distill_align_loss
+    monkeypatch.setattr(ql, "distill_align_loss", lambda *a, **k: calls.append(k["precision"]) or real(*a, **k))
+    model = kernels.apply(_model(small_cfg).train(), "triton")
+    batch = _batch(small_cfg)
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        model(*batch, alpha=0.4)
+        assert calls == []
+        torch.set_float32_matmul_precision("high")
+        model(*batch, alpha=0.4)
+        assert calls == ["auto"]
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    kernels.apply(model, "triton", precision="ieee")
+    model(*batch, alpha=0.4)
+    assert calls == ["auto", "ieee"]
