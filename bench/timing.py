@@ -16,6 +16,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def device_kind() -> str:
+    """What absolute times may be compared across runs on: the GPU model, or "cpu-<threads>t"."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return f"cpu-{torch.get_num_threads()}t"
+
+
 def _quantile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))]
