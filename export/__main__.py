@@ -35,10 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-video-len", type=int, default=None, help="default: the model's max video length")
         s.add_argument("--text-len", type=int, default=32, help="text length of a static graph / example")
         s.add_argument("--verify", action="store_true", help="compare with PyTorch on fresh random inputs")
+        s.add_argument("--data-root", type=Path, default=None,
+                       help="with --verify: also evaluate artifact and PyTorch on this feature root's split and "
+                            "print the metric deltas")
+        s.add_argument("--split", default="val", help="with --data-root: the *{split}*.jsonl annotation file")
+        s.add_argument("--ann", type=Path, default=None, help="with --data-root: the annotation file (overrides --split)")
+        s.add_argument("--max-queries", type=int, default=None, help="with --data-root: evaluate the first N queries")
+        s.add_argument("--metric-tol", type=float, default=1.0,
+                       help="with --data-root: largest allowed |delta| of a metric, in points (default 1.0)")
         if name in ("onnx", "trt"):
             s.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
         if name == "onnx":
             s.add_argument("--simplify", action="store_true", help="run onnxslim on the graph")
+            s.add_argument("--half", action="store_true",
+                           help="fp16 weights, features and outputs (verified against fp32 PyTorch at 1e-2 relative)")
         if name == "aoti":
             s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                            help="device the package is compiled for and runs on (default: cpu)")
@@ -85,6 +95,9 @@ def _run(args) -> int:
     if not args.ckpt.is_file():
         print(f"export: checkpoint not found: {args.ckpt}", file=sys.stderr)
         return 2
+    if args.data_root is not None and not (args.verify and args.dynamic):
+        print("export: --data-root needs --verify and a dynamic-batch artifact (the default --dynamic)", file=sys.stderr)
+        return 2
     device = getattr(args, "device", "cpu")
     if device == "cuda":
         import torch
@@ -107,7 +120,7 @@ def _run(args) -> int:
         from .onnx_export import export_onnx, onnx_runner
 
         export_onnx(prepared, out, opset=args.opset, dynamic=args.dynamic, batch=args.batch, max_video_len=t,
-                    text_len=args.text_len, simplify=args.simplify)
+                    text_len=args.text_len, simplify=args.simplify, half=args.half)
         runner = onnx_runner
     elif args.format == "aoti":
         from .backends import aoti_runner, export_aoti
@@ -137,12 +150,30 @@ def _run(args) -> int:
     print(f"wrote {out} ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     if args.verify:
         result = verify(prepared, runner(out), dynamic=args.dynamic or args.format == "trt", batch=args.batch,
-                        max_video_len=t, text_len=args.text_len, static_video=args.format == "aoti")
+                        max_video_len=t, text_len=args.text_len, static_video=args.format == "aoti",
+                        tol=1e-2 if getattr(args, "half", False) else 1e-4)
         print(format_rows(result))
         if not result["ok"]:
             print(f"verification FAILED (tolerance {result['tol']:.0e} relative)", file=sys.stderr)
             return 1
         print(f"verification passed (every output within {result['tol']:.0e} relative)")
+        if args.data_root is not None:
+            from .metrics import MetricsError, format_deltas, metric_deltas
+
+            static = t if args.format == "aoti" else None  # aoti: the video length is static
+            try:
+                deltas = metric_deltas(prepared, runner(out), args.data_root, split=args.split, ann=args.ann,
+                                       static_video_len=static, max_queries=args.max_queries)
+            except MetricsError as e:
+                print(f"export: {e}", file=sys.stderr)
+                return 2
+            print(format_deltas(deltas))
+            worst = max((abs(v) for v in deltas["delta"].values()), default=0.0)
+            if worst > args.metric_tol:
+                print(f"metric check FAILED: a metric moved by {worst:.2f} points (> --metric-tol {args.metric_tol})",
+                      file=sys.stderr)
+                return 1
+            print(f"metric check passed (largest |delta| {worst:.2f} points)")
     return 0
 
 

@@ -51,6 +51,7 @@ def prepare(checkpoint: str | os.PathLike, device: str = "cpu") -> Prepared:
         "ld_detr.outputs": json.dumps(list(OUTPUT_NAMES)),
         "ld_detr.checkpoint": os.path.basename(os.fspath(checkpoint)),
         "ld_detr.epoch": str(meta.get("epoch")),
+        "ld_detr.dataset": str((meta.get("meta") or {}).get("dataset", "qvhighlights")),
     }
     return Prepared(ExportModule(eng.model).eval(), model.cfg, metadata, os.fspath(checkpoint), device)
 

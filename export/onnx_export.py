@@ -3,6 +3,7 @@ text length, the config and feature contract as model metadata, optional onnxsli
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -14,10 +15,11 @@ from .model import INPUT_NAMES, OUTPUT_NAMES, Prepared, example_inputs
 
 def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None = None, dynamic: bool = True,
                 batch: int = 1, max_video_len: int | None = None, text_len: int = 32,
-                simplify: bool = False) -> Path:
+                simplify: bool = False, half: bool = False) -> Path:
     """Write ``out`` (.onnx). ``dynamic``: batch, video length (2..max_video_len) and text length are
     symbolic; otherwise the graph is fixed at (batch, max_video_len, text_len) and shorter videos/queries are
-    passed padded with their masks (the model is padding-invariant)."""
+    passed padded with their masks (the model is padding-invariant). ``half``: fp16 weights, features and
+    outputs (masks stay bool; every additive mask in the model is finite in fp16)."""
     import onnx
 
     cfg = prepared.cfg
@@ -25,7 +27,9 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
     t = max_video_len or limit
     if t > limit:
         raise ValueError(f"--max-video-len {t} exceeds the model's max video length {limit}")
-    x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len)
+    module = copy.deepcopy(prepared.module).half() if half else prepared.module
+    x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len,
+                       dtype=torch.float16 if half else torch.float32)
     kwargs = {}
     if dynamic:
         b_dim = torch.export.Dim("batch", min=1, max=4096)
@@ -35,7 +39,7 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
                                     {0: b_dim, 1: n_dim})
     torch._dynamo.reset()  # earlier torch.compile calls in this process must not leak specialisations into export
     with torch.no_grad():
-        program = torch.onnx.export(prepared.module, x, dynamo=True, input_names=list(INPUT_NAMES),
+        program = torch.onnx.export(module, x, dynamo=True, input_names=list(INPUT_NAMES),
                                     output_names=list(OUTPUT_NAMES), opset_version=opset, verbose=False, **kwargs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +51,7 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
             import onnxslim
 
             model = onnxslim.slim(model)
-        for key, value in prepared.metadata.items():
+        for key, value in {**prepared.metadata, "ld_detr.precision": "fp16" if half else "fp32"}.items():
             model.metadata_props.add(key=key, value=value)
         final = Path(tmp) / out.name
         onnx.save(model, str(final))
@@ -61,8 +65,14 @@ def onnx_runner(path: str | os.PathLike):
     import onnxruntime as ort
 
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    # float inputs are cast to what the graph takes (fp16 for a --half export)
+    types = {i.name: ("float16" if i.type == "tensor(float16)" else None) for i in session.get_inputs()}
 
     def run(*inputs):
-        return session.run(list(OUTPUT_NAMES), {n: v.numpy() for n, v in zip(INPUT_NAMES, inputs)})
+        feed = {}
+        for n, v in zip(INPUT_NAMES, inputs):
+            a = v.numpy()
+            feed[n] = a.astype(types[n]) if types.get(n) and a.dtype.kind == "f" else a
+        return session.run(list(OUTPUT_NAMES), feed)
 
     return run

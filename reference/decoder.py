@@ -66,9 +66,11 @@ class ConditionalAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_pad: Tensor | None = None) -> Tensor:
         nq, b, e = q.shape
         nk, dv, h = k.shape[0], v.shape[-1], self.num_heads
-        q = q.reshape(nq, b, h, e // h).permute(1, 2, 0, 3)  # (B, H, Q, E/H)
-        k = k.reshape(nk, b, h, e // h).permute(1, 2, 0, 3)  # (B, H, L, E/H)
-        v = v.reshape(nk, b, h, dv // h).permute(1, 2, 0, 3)  # (B, H, L, Dv/H)
+        # contiguous heads: inductor's SDPA pattern rewrite (_sfdp_replacement_29, torch 2.11-2.13) matches the
+        # permuted views of the CPU math path and mis-broadcasts the mask ([L, H] against [Q, H])
+        q = q.reshape(nq, b, h, e // h).permute(1, 2, 0, 3).contiguous()  # (B, H, Q, E/H)
+        k = k.reshape(nk, b, h, e // h).permute(1, 2, 0, 3).contiguous()  # (B, H, L, E/H)
+        v = v.reshape(nk, b, h, dv // h).permute(1, 2, 0, 3).contiguous()  # (B, H, L, Dv/H)
         keep = None if key_pad is None else ~key_pad[:, None, None, :]  # (B, 1, 1, L), True = attend
         # softmax(q k^T * scaling, masked) @ v in one fused op (flash / memory-efficient kernels on GPU)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling,

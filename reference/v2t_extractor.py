@@ -10,8 +10,11 @@ Shapes: V' (B, L, d), T' (B, N, d), masks (B, L) / (B, N) bool (True = valid) ->
     Tp = sum_j softmax_j(T' wP masked) T'_j                      # (B, d), broadcast over L
     V'v = ReLU(Conv1x1_{2d->d}([F | Tp]))
 
-Masked logits add (1 - mask) * -1e30 as the official code does. Padded clips get zero weight in Ac, so a
-clip's output does not depend on the padding of its batch. Parameter names are the official ones.
+Masked logits: the official code adds (1 - mask) * -1e30; here masked entries are set to the lowest finite
+value of the logits' dtype. Both give masked entries a softmax weight of exactly 0 (every row has a valid
+entry), so fp32/bf16 outputs are identical, but -1e30 overflows to -inf in fp16 and 0 * -inf = NaN poisons
+the *valid* entries — the fp16 ONNX/TensorRT export needs finite masks. Padded clips get zero weight in Ac,
+so a clip's output does not depend on the padding of its batch. Parameter names are the official ones.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-_NEG = -1e30
-
-
 def _mask_logits(x: Tensor, mask: Tensor) -> Tensor:
-    return x + (1.0 - mask.to(x.dtype)) * _NEG
+    """x with entries where ``mask`` is False/0 set to the dtype's lowest finite value (broadcasting)."""
+    keep = mask if mask.dtype == torch.bool else mask > 0.5
+    return x.masked_fill(~keep, torch.finfo(x.dtype).min)
 
 
 class V2TExtractor(nn.Module):

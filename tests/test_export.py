@@ -119,3 +119,60 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["aoti", str(ckpt), "--device", "cuda"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def synthetic_ckpt(tmp_path_factory):
+    """A small model with the feature contract of a tiny synthetic dataset (QVHighlights on-disk format)."""
+    from engine.features import feature_spec_for
+    from engine.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(root, n_train=2, n_val=12, min_clips=10, max_clips=20)
+    spec = feature_spec_for("synthetic", root)
+    torch.manual_seed(1)
+    cfg = LDDETRConfig.preset("qvhighlights", v_feat_dim=spec.v_feat_dim, t_feat_dim=spec.t_feat_dim,
+                              queue_length=16, num_v2t_encoder_layers=1, num_encoder1_layers=1,
+                              num_encoder2_layers=1, num_convolutional_blocks=2, dim_feedforward=256)
+    model = randomize_bn_stats_(LDDETR(cfg).eval())
+    path = root / "best.pt"
+    save_checkpoint(model, path, feature_contract=spec.to_dict(), epoch=1, dataset="synthetic")
+    return path, root
+
+
+def test_half_onnx_and_metric_deltas_on_a_split(synthetic_ckpt, tmp_path):
+    """--half: fp16 graph inputs, finite masks (no NaN from 0 * -inf), within 1e-2 of fp32 PyTorch; --data-root:
+    the same split through PyTorch and the artifact, with the metric deltas printed and checked."""
+    ckpt, root = synthetic_ckpt
+    out = tmp_path / "half.onnx"
+    proc = subprocess.run([sys.executable, "-m", "export", "onnx", str(ckpt), "--out", str(out), "--half", "--verify",
+                           "--data-root", str(root), "--max-video-len", "20"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {p.key: p.value for p in model.metadata_props}["ld_detr.precision"] == "fp16"
+    assert "verification passed" in proc.stdout and "metric check passed" in proc.stdout
+    assert "MR-full-R1@0.5" in proc.stdout and "12 queries" in proc.stdout
+
+
+def test_metric_deltas_catch_a_wrong_artifact(synthetic_ckpt):
+    from export.metrics import metric_deltas
+    from export.model import prepare
+
+    ckpt, root = synthetic_ckpt
+    prepared = prepare(ckpt)
+
+    def exact(*x):
+        with torch.no_grad():
+            return [o.numpy() for o in prepared.module(*x)]
+
+    def shifted(*x):  # every predicted span moved: the moment-retrieval metrics must drop
+        logits, spans, sal = exact(*x)
+        return logits, (spans + 0.3) % 1.0, sal
+
+    same = metric_deltas(prepared, exact, root)
+    assert same["queries"] == 12 and all(v == 0 for v in same["delta"].values())
+    moved = metric_deltas(prepared, shifted, root)
+    assert any(abs(v) > 1.0 for k, v in moved["delta"].items() if k.startswith("MR-"))
+    assert main(["onnx", str(ckpt), "--data-root", str(root)]) == 2  # --data-root without --verify
