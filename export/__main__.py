@@ -151,7 +151,7 @@ def _run(args) -> int:
     if args.verify:
         result = verify(prepared, runner(out), dynamic=args.dynamic or args.format == "trt", batch=args.batch,
                         max_video_len=t, text_len=args.text_len, static_video=args.format == "aoti",
-                        tol=1e-2 if getattr(args, "half", False) else 1e-4)
+                        tol=1e-2 if getattr(args, "half", False) else 1e-4, half=getattr(args, "half", False))
         print(format_rows(result))
         if not result["ok"]:
             print(f"verification FAILED (tolerance {result['tol']:.0e} relative)", file=sys.stderr)

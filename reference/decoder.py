@@ -167,7 +167,7 @@ class TransformerDecoder(nn.Module):
         ref = refpoints_unsigmoid.sigmoid()  # (Q, B, 2)
         refs, hs = [ref], []
         for i, layer in enumerate(self.layers):
-            sine = anchor_sine_embed(ref, self.d_model)  # (Q, B, d)
+            sine = anchor_sine_embed(ref, self.d_model).to(ref.dtype)  # (Q, B, d); fp32 unless .half()
             query_pos = self.ref_point_head(sine)
             if i > 0:
                 sine = sine * self.query_scale(out)

@@ -117,7 +117,9 @@ class LDDETR(nn.Module):
                 video, video_mask, text, text_mask, vid, txt, a)
             self.distill_align.enqueue(gv_m, gt_m, gather=self.queue_gather)
 
-        pos_vid = self.position_embed(video_mask)  # (B, L, d)
+        # the sine table is computed in fp32 and follows the parameters' dtype (a no-op unless the model was
+        # converted with .half(), e.g. for an fp16 export; autocast leaves the parameters fp32)
+        pos_vid = self.position_embed(video_mask).to(self.query_embed.weight.dtype)  # (B, L, d)
         pos_txt = self.txt_position_embed(txt) if cfg.use_txt_pos else None
         memory = self.convolutional_fuser(vid, txt, video_mask, text_mask, pos_vid, pos_txt)  # R (L, B, d)
 
