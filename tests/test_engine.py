@@ -253,3 +253,18 @@ def test_bf16_precast_weights_are_bit_identical_and_skip_the_casts(fresh_seed, s
     casts = lambda ops: ops.counts["aten.to"] + ops.counts["aten._to_copy"]  # noqa: E731
     print("cast ops per Loop Decoder pass:", casts(plain_ops), "->", casts(fast_ops))
     assert casts(fast_ops) < casts(plain_ops) / 3
+
+
+@pytest.mark.slow
+def test_inductor_compiled_engine_matches(fresh_seed, small_cfg):
+    """The whole forward through inductor on CPU (~4 minutes on 2 cores): inductor's SDPA pattern rewrite
+    (_sfdp_replacement_29) used to mis-broadcast the decoder's cross-attention mask here (a compile error);
+    the decoder now hands SDPA contiguous heads."""
+    model = _model(small_cfg)
+    eng = build(model, device="cpu", compile="model")
+    batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < 1e-4, key
