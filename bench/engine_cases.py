@@ -31,20 +31,6 @@ def random_model(cfg: LDDETRConfig, device) -> LDDETR:
     return randomize_bn_stats_(LDDETR(cfg)).eval().to(device)
 
 
-def qvh_inputs(cfg: LDDETRConfig, batch: int, t: int = 75, n: int = 32, device="cpu", seed: int = 0):
-    """Random features (never zeros) at QVHighlights shapes: the first sample full length, the others with
-    random video (>= t/2) and text (>= 1) lengths; padded positions hold noise."""
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(batch, t, cfg.v_feat_dim, generator=g)
-    text = torch.randn(batch, n, cfg.t_feat_dim, generator=g)
-    vlen = torch.randint(max(1, t // 2), t + 1, (batch,), generator=g)
-    tlen = torch.randint(1, n + 1, (batch,), generator=g)
-    vlen[0], tlen[0] = t, n
-    vmask = torch.arange(t)[None] < vlen[:, None]
-    tmask = torch.arange(n)[None] < tlen[:, None]
-    return tuple(x.to(device) for x in (video, vmask, text, tmask))
-
-
 def reference_forward(model: LDDETR, inputs, dtype: torch.dtype = torch.float32) -> Callable[[], dict]:
     """The reference eager forward as a user runs it: no_grad, autocast for bf16/fp16."""
     device = inputs[0].device.type

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -39,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from bench.engine_cases import qvh_inputs, random_model, reference_forward, training_case
-from bench.gpu_kernels import ceilings, header, rel
+from bench.engine_cases import random_model, reference_forward, training_case
+from bench.gpu_kernels import ceilings, header, rel, save, title_lines
 from bench.timing import round_robin
+from export.model import example_inputs
 from reference import LDDETRConfig
 
 GOALS = {  # issue #5 / #7 goals on an H100 (ms, videos/s)
@@ -115,7 +115,7 @@ class Run:
         self.write(quiet=True)
 
     def inputs(self, batch: int, seed: int = 0):
-        return qvh_inputs(self.cfg, batch, self.t, self.n, device=self.device, seed=seed)
+        return example_inputs(self.cfg, batch, self.t, self.n, seed=seed, device=self.device)
 
     def engine(self, dtype, **kw):
         from engine.inference import build
@@ -371,10 +371,7 @@ class Run:
     # -- output ----------------------------------------------------------------------------------------------
     def write(self, quiet: bool = False) -> None:
         res, h, c = self.res, self.res["header"], self.res["ceilings"]
-        out = self.args.out
-        out.mkdir(parents=True, exist_ok=True)
-        lines = [f"# Engine, training and export on {h['card']} — {h['date']}, commit {h['commit']}",
-                 f"torch {h['torch']}, triton {h['triton']}, CUDA {h['cuda']}; nvidia-smi: {h['nvidia_smi']}"]
+        lines = title_lines("Engine, training and export", h)
         if c:
             lines.append(f"Ceilings in this run: copy {c['copy_GBps']:.0f} GB/s, bf16 GEMM {c['gemm_bf16_TFLOPs']:.0f} TFLOP/s.")
         lines += [f"Shapes: QVHighlights preset, T={self.t} clips, N={self.n} tokens, padded samples in every batch "
@@ -410,15 +407,7 @@ class Run:
             lines += ["", "Skipped (budget): " + "; ".join(res["skipped"])]
         if res["warnings"]:
             lines += ["", "Warnings:", ""] + [f"    {w}" for w in res["warnings"]]
-        if res["errors"]:
-            lines += ["", "Errors:", ""] + [f"    {e.strip().splitlines()[-1]}" for e in res["errors"]]
-        card = h["card"].replace(" ", "_")
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
-        base = out / f"gpu_{card}_{stamp}"
-        base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-        base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        if not quiet:
-            print("\n".join(lines), flush=True)
+        save(res, lines, self.args.out, "gpu", quiet)
 
 
 def main(argv=None) -> int:

@@ -244,13 +244,29 @@ def _queue_rows(rounds: int, device: str, smoke: bool) -> list[dict]:
     return rows
 
 
-def write(res: dict, out: Path, quiet: bool = False) -> None:
-    h, c = res["header"], res["ceilings"]
-    card = h["card"].replace(" ", "_")
+def title_lines(what: str, h: dict) -> list[str]:
+    """The first lines of a results table: what ran where, when, at which commit, with which versions."""
+    return [f"# {what} on {h['card']} — {h['date']}, commit {h['commit']}",
+            f"torch {h['torch']}, triton {h['triton']}, CUDA {h['cuda']}; nvidia-smi: {h['nvidia_smi']}"]
+
+
+def save(res: dict, lines: list[str], out: Path, prefix: str, quiet: bool = False) -> None:
+    """Write ``<prefix>_<card>_<date>.json`` (res) and ``.md`` (lines, errors appended) into ``out``."""
+    if res["errors"]:
+        lines = lines + ["", "Errors:", ""] + [f"    {e.strip().splitlines()[-1]}" for e in res["errors"]]
+    card = res["header"]["card"].replace(" ", "_")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Triton kernels on {h['card']} — {h['date']}, commit {h['commit']}",
-             f"torch {h['torch']}, triton {h['triton']}, CUDA {h['cuda']}; nvidia-smi: {h['nvidia_smi']}",
+    base = out / f"{prefix}_{card}_{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(lines), flush=True)
+
+
+def write(res: dict, out: Path, quiet: bool = False) -> None:
+    h, c = res["header"], res["ceilings"]
+    lines = title_lines("Triton kernels", h) + [
              f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s (read+write), "
              f"bf16 GEMM {c['gemm_bf16_TFLOPs']:.0f} TFLOP/s.", "",
              "| case | provider | median µs | p20–p80 µs | GB/s | % copy BW | speed-up (min–max) |",
@@ -263,13 +279,7 @@ def write(res: dict, out: Path, quiet: bool = False) -> None:
     for r in res["parity"]:
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['rel_err']:.2e} | {r['tol']:.0e} | "
                      f"{'yes' if r['ok'] else 'NO'} |")
-    if res["errors"]:
-        lines += ["", "Errors:", ""] + [f"    {e.splitlines()[-1]}" for e in res["errors"]]
-    base = out / f"gpu_kernels_{card}_{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    if not quiet:
-        print("\n".join(lines))
+    save(res, lines, out, "gpu_kernels", quiet)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.engine_cases import qvh_inputs, random_model, reference_forward, training_case
+from bench.engine_cases import random_model, reference_forward, training_case
 from bench.timing import alternate, device_kind
+from export.model import example_inputs
 from reference import LDDETRConfig
 
 CUDA = torch.cuda.is_available()
@@ -130,7 +131,7 @@ def test_inference(benchmark, variant, batch):
         pytest.skip(WHY_NOT[variant])
     cfg, model = _setup()
     batch = min(batch, 2) if SMOKE else batch
-    x = qvh_inputs(cfg, batch, T, N, device=DEVICE)
+    x = example_inputs(cfg, batch, T, N, device=DEVICE)
     reference = reference_forward(model, x)
     candidate = _candidate(variant, model, x)
     stats = alternate(reference, candidate, pairs=PAIRS)

@@ -67,6 +67,16 @@ class Annotations(list):
         self.path = None if path is None else Path(path)
 
 
+def find_split(root: str | os.PathLike, split: str) -> Path:
+    """The one ``*{split}*.jsonl`` annotation file in ``root`` (DataError when there is none or several)."""
+    root = Path(root)
+    found = sorted(p for p in root.glob(f"*{split}*.jsonl") if p.is_file())
+    if len(found) != 1:
+        raise DataError(f"expected one *{split}*.jsonl annotation file in {root}, found {[p.name for p in found]}; "
+                        f"pass --ann")
+    return found[0]
+
+
 def load_annotations(path: str | os.PathLike) -> Annotations:
     """Read a jsonl annotation file; ``DataError`` for a missing file, a malformed line, duplicate qids."""
     path = Path(path)

@@ -32,7 +32,7 @@ from reference import LDDETR, validate_inputs
 
 from .atomic import atomic_open, save_jsonl
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import DataError, FeatureSpec, MomentDataset, load_annotations, make_loader, prepare_text, prepare_video
+from .data import DataError, FeatureSpec, MomentDataset, find_split, load_annotations, make_loader, prepare_text, prepare_video
 from .evaluate import evaluate
 from .inference import build
 from .postprocess import to_records
@@ -126,14 +126,6 @@ def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Pat
     plt.close(fig)
 
 
-def _find_split(root: Path, split: str) -> Path:
-    found = sorted(p for p in root.glob(f"*{split}*.jsonl") if p.is_file())
-    if len(found) != 1:
-        raise DataError(f"expected one *{split}*.jsonl annotation file in {root}, found {[p.name for p in found]}; "
-                        f"pass --ann")
-    return found[0]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by engine.train (best.pt)")
@@ -150,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         predictor = Predictor.from_checkpoint(args.ckpt, device=args.device, kernels_backend=args.kernels)
-        ann_file = args.ann or _find_split(args.data_root, args.split)
+        ann_file = args.ann or find_split(args.data_root, args.split)
         ann = load_annotations(ann_file)
         ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)
         loader = make_loader(ds, args.batch_size, shuffle=False, num_workers=0, seed=0, device=predictor.device)

@@ -22,21 +22,13 @@ class MetricsError(ValueError):
     """A split that cannot be evaluated (no annotation file, no ground truth, no feature contract)."""
 
 
-def _find_split(root: Path, split: str) -> Path:
-    found = sorted(p for p in root.glob(f"*{split}*.jsonl") if p.is_file())
-    if len(found) != 1:
-        raise MetricsError(f"expected one *{split}*.jsonl annotation file in {root}, found "
-                           f"{[p.name for p in found]}; pass --ann")
-    return found[0]
-
-
 def metric_deltas(prepared: Prepared, runner, data_root: str | os.PathLike, *, split: str = "val",
                   ann: str | os.PathLike | None = None, batch_size: int = 32, static_video_len: int | None = None,
                   max_queries: int | None = None) -> dict:
     """Evaluate PyTorch and ``runner`` (numpy outputs from CPU tensors) on the split; returns
     ``{"torch": brief, "artifact": brief, "delta": {metric: artifact - torch}, "queries": n, "ann": path}``.
     ``static_video_len``: pad every batch's videos to it (artifacts with a static video length)."""
-    from engine.data import FeatureSpec, MomentDataset, load_annotations, make_loader
+    from engine.data import DataError, FeatureSpec, MomentDataset, find_split, load_annotations, make_loader
     from engine.evaluate import evaluate
     from engine.postprocess import to_records
 
@@ -48,7 +40,10 @@ def metric_deltas(prepared: Prepared, runner, data_root: str | os.PathLike, *, s
         raise MetricsError(f"{prepared.source}: checkpoint has no feature contract; cannot load features")
     spec = FeatureSpec.from_dict(contract)
     dataset = prepared.metadata.get("ld_detr.dataset", "qvhighlights")
-    ann_path = Path(ann) if ann is not None else _find_split(data_root, split)
+    try:
+        ann_path = Path(ann) if ann is not None else find_split(data_root, split)
+    except DataError as e:
+        raise MetricsError(str(e)) from e
     records = load_annotations(ann_path)
     if max_queries is not None:
         records = records[:max_queries]

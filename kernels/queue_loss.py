@@ -117,6 +117,19 @@ _COMBINE_BLOCK_P = 64      # partial rows per step of the one-program combine ke
 if triton is not None:
 
     @triton.jit
+    def _load_rows(q_ptr, qm_ptr, tau_ptr, pid_b, B, D, stride_qb, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The program's BLOCK_B rows of q and qm (zero past B / D), their offsets, masks, and 1 / tau."""
+        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_b = offs_b < B
+        mask_q = mask_b[:, None] & (offs_d[None, :] < D)
+        q_off = offs_b[:, None] * stride_qb + offs_d[None, :]
+        q = tl.load(q_ptr + q_off, mask=mask_q, other=0.0)
+        qm = tl.load(qm_ptr + q_off, mask=mask_q, other=0.0)
+        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        return offs_b, offs_d, mask_b, mask_q, q, qm, inv_tau
+
+    @triton.jit
     def _score_tiles(q, qm, k_ptr, offs_d, offs_n, D, n_cols, stride_kd, stride_kn, inv_tau,
                      INPUT_PRECISION: tl.constexpr):
         """Load the key tile k (BLOCK_D, BLOCK_L) of columns offs_n (< n_cols) and return k, S, Sm, mask."""
@@ -167,15 +180,8 @@ if triton is not None:
         pid_c = tl.program_id(0).to(tl.int64)
         pid_b = tl.program_id(1).to(tl.int64)
         n_progs = tl.num_programs(0).to(tl.int64)
-
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_b = offs_b < B
-        mask_q = mask_b[:, None] & (offs_d[None, :] < D)
-        q_off = offs_b[:, None] * stride_qb + offs_d[None, :]
-        q = tl.load(q_ptr + q_off, mask=mask_q, other=0.0)
-        qm = tl.load(qm_ptr + q_off, mask=mask_q, other=0.0)
-        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        offs_b, offs_d, mask_b, mask_q, q, qm, inv_tau = _load_rows(q_ptr, qm_ptr, tau_ptr, pid_b, B, D,
+                                                                    stride_qb, BLOCK_B, BLOCK_D)
 
         m = tl.full([BLOCK_B], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_B], tl.float32)
@@ -240,15 +246,8 @@ if triton is not None:
         diag_weight = tl.cast(diag_weight, tl.float32)
         pid_c = tl.program_id(0).to(tl.int64)
         pid_b = tl.program_id(1).to(tl.int64)
-
-        offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_b = offs_b < B
-        mask_q = mask_b[:, None] & (offs_d[None, :] < D)
-        q_off = offs_b[:, None] * stride_qb + offs_d[None, :]
-        q = tl.load(q_ptr + q_off, mask=mask_q, other=0.0)
-        qm = tl.load(qm_ptr + q_off, mask=mask_q, other=0.0)
-        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        offs_b, offs_d, mask_b, mask_q, q, qm, inv_tau = _load_rows(q_ptr, qm_ptr, tau_ptr, pid_b, B, D,
+                                                                    stride_qb, BLOCK_B, BLOCK_D)
         coef = tl.load(g_ptr).to(tl.float32) / B
         lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
         lse_m = tl.load(lse_m_ptr + offs_b, mask=mask_b, other=0.0)

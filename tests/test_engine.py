@@ -21,16 +21,22 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _assert_matches_reference(model, eng, batch, tol: float = 1e-4) -> tuple[dict, dict]:
+    """Every output of the engine within ``tol`` (relative) of the reference's eval forward; returns both."""
+    with torch.no_grad():
+        ref = model(*batch)
+    out = eng(*batch)
+    for key in KEYS:
+        assert _rel(out[key], ref[key]) < tol, key
+    return out, ref
+
+
 @pytest.mark.parametrize("lengths", [[37], [37, 29, 33], [75], [75, 60, 71]])
 def test_engine_matches_reference(fresh_seed, small_cfg, lengths):
     model = _model(small_cfg)
     eng = build(model, device="cpu")
     batch = random_batch(small_cfg, lengths, [7, 5, 9][: len(lengths)])
-    with torch.no_grad():
-        ref = model(*batch)
-    out = eng(*batch)
-    for key in KEYS:
-        assert _rel(out[key], ref[key]) < 1e-4, key
+    out, ref = _assert_matches_reference(model, eng, batch)
     torch.testing.assert_close(out["saliency_scores"], ref["saliency_scores"], rtol=1e-4, atol=1e-5)
 
 
@@ -39,12 +45,8 @@ def test_buckets_pad_and_give_the_same_outputs(fresh_seed, small_cfg):
     eng = build(model, device="cpu", buckets=(48, 75))
     assert eng.bucket_length(37) == 48 and eng.bucket_length(75) == 75 and eng.bucket_length(20) == 48
     batch = random_batch(small_cfg, [37, 30, 25], [7, 5, 9])
-    with torch.no_grad():
-        ref = model(*batch)
-    out = eng(*batch)
+    out, ref = _assert_matches_reference(model, eng, batch)
     assert out["saliency_scores"].shape == ref["saliency_scores"].shape
-    for key in KEYS:
-        assert _rel(out[key], ref[key]) < 1e-4, key
 
 
 def test_bf16_autocast(fresh_seed, small_cfg):
@@ -125,11 +127,7 @@ def test_compiled_engine_matches(fresh_seed, small_cfg, what):
     model = _model(small_cfg)
     eng = build(model, device="cpu", compile=what, compile_backend="eager")
     batch = random_batch(small_cfg, [37, 29], [7, 5])
-    with torch.no_grad():
-        ref = model(*batch)
-    out = eng(*batch)
-    for key in KEYS:
-        assert _rel(out[key], ref[key]) < 1e-4, key
+    _assert_matches_reference(model, eng, batch)
 
 
 def test_engine_is_inference_only_and_drops_training_state(small_cfg):
@@ -187,11 +185,7 @@ def test_text_buckets_pad_and_give_the_same_outputs(fresh_seed, small_cfg):
     eng = build(model, device="cpu", buckets=(48, 75), text_buckets=(8, 16))
     assert eng.text_bucket_length(9) == 16 and eng.text_bucket_length(3) == 8 and eng.text_bucket_length(20) == 20
     batch = random_batch(small_cfg, [37, 30, 25], [7, 5, 9])
-    with torch.no_grad():
-        ref = model(*batch)
-    out = eng(*batch)
-    for key in KEYS:
-        assert _rel(out[key], ref[key]) < 1e-4, key
+    _assert_matches_reference(model, eng, batch)
 
 
 def test_cuda_graph_options(small_cfg):
@@ -263,8 +257,4 @@ def test_inductor_compiled_engine_matches(fresh_seed, small_cfg):
     model = _model(small_cfg)
     eng = build(model, device="cpu", compile="model")
     batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
-    with torch.no_grad():
-        ref = model(*batch)
-    out = eng(*batch)
-    for key in KEYS:
-        assert _rel(out[key], ref[key]) < 1e-4, key
+    _assert_matches_reference(model, eng, batch)
