@@ -1,0 +1,81 @@
+"""Shared helpers of the fused inference model: weight packing done once at build time.
+
+Every fused module is built FROM a reference module's weights (``from_reference``), names the module it
+replaces (``replaces``) and stores only derived tensors (packed / folded weights, constants) as buffers.
+Packing arithmetic runs in float64 and is rounded to float32 once, so a folded product (e.g. two linears
+with nothing between them) is as accurate as the reference's own two roundings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def f64(t: Tensor | None) -> Tensor | None:
+    """A detached float64 copy (None stays None)."""
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def wb(linear: nn.Linear) -> tuple[Tensor, Tensor]:
+    """(weight (out, in), bias (out,)) of an nn.Linear in float64 (zero bias if it has none)."""
+    w = f64(linear.weight)
+    b = f64(linear.bias) if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    return w, b
+
+
+def mha_wb(mha: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """nn.MultiheadAttention's packed in-projection split into (Wq, Wk, Wv, bq, bk, bv), float64."""
+    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError("fused attention supports nn.MultiheadAttention with a packed in-projection, no bias_k/v")
+    w = f64(mha.in_proj_weight)
+    b = f64(mha.in_proj_bias) if mha.in_proj_bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return (*w.chunk(3, 0), *b.chunk(3, 0))
+
+
+def rows(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack (W, b) pairs along the output dim: one GEMM computes all of them."""
+    return torch.cat([w for w, _ in pairs], 0), torch.cat([b for _, b in pairs], 0)
+
+
+def block_diag(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(W, b) pairs reading consecutive slices of one input, as one block-diagonal GEMM."""
+    return torch.block_diag(*[w for w, _ in pairs]), torch.cat([b for _, b in pairs], 0)
+
+
+def chain(outer: tuple[Tensor, Tensor], inner: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """outer(inner(x)) for two affine maps with nothing between them, as one affine map."""
+    (wo, bo), (wi, bi) = outer, inner
+    return wo @ wi, wo @ bi + bo
+
+
+class FusedModule(nn.Module):
+    """Base class: ``replaces`` names the reference module; buffers hold the derived weights."""
+
+    replaces: str = ""
+
+    def put(self, name: str, t: Tensor) -> None:
+        """Register a derived tensor (rounded to float32 once) as a buffer."""
+        self.register_buffer(name, t.detach().to(torch.float32).contiguous() if t.is_floating_point() else t)
+
+
+def layer_norm(x: Tensor, ln: tuple[Tensor, Tensor], eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], eps)
+
+
+def masked(x: Tensor, keep: Tensor) -> Tensor:
+    """x with entries where ``keep`` is False set to the dtype's lowest finite value (as reference/v2t_extractor)."""
+    return torch.where(keep, x, torch.finfo(x.dtype).min)
+
+
+def heads(x: Tensor, h: int) -> Tensor:
+    """(B, S, h * e) -> (B, h, S, e), a view."""
+    b, s, _ = x.shape
+    return x.view(b, s, h, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, h, S, e) -> (B, S, h * e)."""
+    b, h, s, e = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * e)

@@ -1,0 +1,217 @@
+"""Fused Loop Decoder (replaces ``reference.decoder.LoopDecoder`` at inference; paper eqs. 29-31).
+
+The reference runs ``loops`` passes of a DAB-DETR decoder with shared weights; each pass re-reads the same
+memory R and restarts from the same learned anchors. Computed once per forward here instead of once per
+loop and layer:
+
+* the memory side of every layer's cross-attention: K_content and V of all layers from ONE GEMM on R (the
+  saliency head's ``R . u`` column rides along), K_pos of all layers from one GEMM on the sine positions;
+  per layer the keys are laid out per head as ``[k_content | k_pos]`` (the reference's ``cat``);
+
+and once per model, at build time (the anchors are reset every loop, so layer 0's query path never depends
+on the input):
+
+* layer 0: ``sigmoid(anchors)``, their sine embedding, ``ref_point_head``, the positional parts of its
+  self-attention q/k and of its cross-attention q, and ``inverse_sigmoid(ref)`` of its box update;
+* loop 0 starts from tgt = 0, so layer 0 of loop 0 up to its cross-attention query is a constant:
+  the self-attention, norm1, the width-modulated sine query and the cross-attention query.
+
+Per layer the input ``out`` feeds one GEMM with the first layers of bbox_embed (of the previous layer),
+query_scale and ref_anchor_head and the self-attention's content q/k/v; their second layers are one
+block-diagonal GEMM; ``ref_point_head``'s second layer is folded into the positional q/k projections (two
+linears with nothing between them); the cross-attention query ``[q_content | q_sine]`` per head is one GEMM
+over ``[tgt | sine]``. Dead work is gone: the last layer's bbox_embed (never read), the norm of every layer
+but the last (only the last layer feeds the outputs at inference: aux heads are dropped) and, in loops
+before the last, everything the next loop does not read.
+
+forward(memory (B, L, d), pos (B, L, d), vkeep (B, L) bool) -> (hs (B, Q, d) = norm(last layer), ref (B, Q, 2)
+or (Q, 2) the last layer's input reference, fp32; mem_extra (B, L, e) the extra memory columns).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference.decoder import LoopDecoder
+from reference.position_encoding import anchor_sine_embed
+from reference.span_utils import inverse_sigmoid
+
+from .common import FusedModule, block_diag, chain, f64, heads, layer_norm, merge_heads, rows, wb
+from .positions import anchor_sine, anchor_sine_constants
+
+
+def _interleave(content: Tensor, sine: Tensor, h: int) -> Tensor:
+    """(.., d) content and (.., d) sine rows -> (.., 2d) laid out per head as [content_h | sine_h]."""
+    c = content.reshape(*content.shape[:-1], h, -1)
+    s = sine.reshape(*sine.shape[:-1], h, -1)
+    return torch.cat([c, s], -1).reshape(*content.shape[:-1], -1)
+
+
+class FusedLoopDecoder(FusedModule):
+    replaces = "reference.decoder.LoopDecoder"
+    keep_fp32 = ("inv0", "freq", "phase", "s0r", "ref0")
+
+    def __init__(self, loop_decoder: LoopDecoder, anchors: Tensor, mem_extra: tuple[Tensor, Tensor] | None = None):
+        super().__init__()
+        td = loop_decoder.transformer_decoder
+        self.loops, self.nl = loop_decoder.loops, len(td.layers)
+        d = self.d = td.d_model
+        h = self.nhead = td.layers[0].nhead
+        self.hd = d // h
+        dbl = copy.deepcopy(td).double()  # the reference modules, in float64, for build-time constants
+        L = dbl.layers
+        with torch.no_grad():
+            ref0 = f64(anchors).sigmoid()  # (Q, 2)
+            s0 = anchor_sine_embed(ref0, d)  # (Q, d)
+            qpos0 = dbl.ref_point_head(s0)
+            self.put("ref0", ref0)
+            self.put("inv0", inverse_sigmoid(ref0))
+            freq, phase = anchor_sine_constants(d)
+            self.put("freq", freq), self.put("phase", phase)
+            self.put("s0r", s0 / ref0[:, 1:2])  # layer 0's sine / width: scaled by sigmoid(ref_anchor_head)
+
+            # ---- per-layer packed weights
+            bb, qs, rah = dbl.bbox_embed.layers, dbl.query_scale.layers, dbl.ref_anchor_head.layers
+            rph1, rph2 = wb(dbl.ref_point_head.layers[0]), wb(dbl.ref_point_head.layers[1])
+            self.put("rph1_w", rph1[0]), self.put("rph1_b", rph1[1])
+            self.put("bb3_w", wb(bb[2])[0]), self.put("bb3_b", wb(bb[2])[1])
+            for i, lay in enumerate(L):
+                sa = [wb(lay.sa_qcontent_proj), wb(lay.sa_kcontent_proj), wb(lay.sa_v_proj)]
+                first = [wb(rah[0])] if i == 0 else [wb(bb[0]), wb(qs[0]), wb(rah[0])]
+                second = [wb(rah[1])] if i == 0 else [wb(bb[1]), wb(qs[1]), wb(rah[1])]
+                g_w, g_b = rows(*first, *sa)
+                z_w, z_b = block_diag(*second)
+                if i == 0:  # + the constant positional q/k of layer 0's self-attention, per query
+                    cqk = torch.cat([lay.sa_qpos_proj(qpos0), lay.sa_kpos_proj(qpos0)], -1)  # (Q, 2d)
+                    zq = torch.zeros(qpos0.shape[0], d, dtype=torch.float64)
+                    self.put("g0_c", g_b + torch.cat([zq, cqk, zq], -1))  # (Q, G) per-query bias
+                    self.put("g0_wt", g_w.T)
+                else:
+                    self.put(f"g{i}_w", g_w), self.put(f"g{i}_b", g_b)
+                    p_w, p_b = rows(chain(wb(lay.sa_qpos_proj), rph2), chain(wb(lay.sa_kpos_proj), rph2))
+                    self.put(f"p{i}_w", p_w), self.put(f"p{i}_b", p_b)
+                self.put(f"z{i}_w", z_w), self.put(f"z{i}_b", z_b)
+                self.put(f"sao{i}_w", wb(lay.self_attn.out_proj)[0]), self.put(f"sao{i}_b", wb(lay.self_attn.out_proj)[1])
+                qc, qsn = wb(lay.ca_qcontent_proj), wb(lay.ca_qpos_sine_proj)
+                zero = torch.zeros(d, d, dtype=torch.float64)
+                q_w = _interleave(torch.cat([qc[0], zero], 1).T, torch.cat([zero, qsn[0]], 1).T, h).T  # (2d, 2d)
+                q_b = _interleave(qc[1], qsn[1], h)
+                if i == 0:
+                    qp = lay.ca_qpos_proj(qpos0)  # (Q, d)
+                    self.put("q0_c", q_b + _interleave(qp, torch.zeros_like(qp), h))
+                    self.put("q0_wt", q_w.T)
+                else:
+                    self.put(f"q{i}_w", q_w), self.put(f"q{i}_b", q_b)
+                self.put(f"cao{i}_w", wb(lay.cross_attn.out_proj)[0]), self.put(f"cao{i}_b", wb(lay.cross_attn.out_proj)[1])
+                for n in ("norm1", "norm2", "norm3"):
+                    ln = getattr(lay, n)
+                    self.put(f"{n}_{i}_w", f64(ln.weight)), self.put(f"{n}_{i}_b", f64(ln.bias))
+                self.put(f"l1_{i}_w", wb(lay.linear1)[0]), self.put(f"l1_{i}_b", wb(lay.linear1)[1])
+                self.put(f"l2_{i}_w", wb(lay.linear2)[0]), self.put(f"l2_{i}_b", wb(lay.linear2)[1])
+                self.put(f"prelu_{i}", f64(lay.activation.weight))
+            self.eps = [(lay.norm1.eps, lay.norm2.eps, lay.norm3.eps) for lay in L]
+            self.put("norm_w", f64(dbl.norm.weight)), self.put("norm_b", f64(dbl.norm.bias))
+            self.norm_eps = dbl.norm.eps
+
+            # ---- loop 0, layer 0: tgt = 0, so everything up to the cross-attention query is constant
+            l0 = L[0]
+            zeros = torch.zeros_like(qpos0)[:, None]  # (Q, 1, d)
+            q = l0.sa_qcontent_proj(zeros) + l0.sa_qpos_proj(qpos0[:, None])
+            k = l0.sa_kcontent_proj(zeros) + l0.sa_kpos_proj(qpos0[:, None])
+            t1 = l0.norm1(zeros + l0.self_attn(q, k, l0.sa_v_proj(zeros)))  # (Q, 1, d)
+            sine = s0[:, None] * (dbl.ref_anchor_head(zeros).sigmoid() / ref0[:, None, 1:2])
+            qca = _interleave(l0.ca_qcontent_proj(t1) + l0.ca_qpos_proj(qpos0[:, None]), l0.ca_qpos_sine_proj(sine), h)
+            self.put("t1_loop0", t1[:, 0])  # (Q, d)
+            self.put("qca_loop0", qca[:, 0].reshape(-1, h, 2 * self.hd).transpose(0, 1))  # (H, Q, 2 hd)
+
+            # ---- memory side, all layers at once
+            mem = [w for lay in L for w in (wb(lay.ca_kcontent_proj), wb(lay.ca_v_proj))]
+            if mem_extra is not None:
+                mem.append(mem_extra)
+            self.mem_extra_dim = 0 if mem_extra is None else mem_extra[0].shape[0]
+            m_w, m_b = rows(*mem)
+            self.put("mem_w", m_w), self.put("mem_b", m_b)
+            kp_w, kp_b = rows(*[wb(lay.ca_kpos_proj) for lay in L])
+            self.put("kpos_w", kp_w), self.put("kpos_b", kp_b)
+
+    # ------------------------------------------------------------------------------------------------
+    def _memory_side(self, memory: Tensor, pos: Tensor) -> tuple[list, list, Tensor]:
+        b, l, d = memory.shape
+        h, hd = self.nhead, self.hd
+        kv = F.linear(memory, self.mem_w, self.mem_b)  # (B, L, 2d * n_layers + extra)
+        kp = F.linear(pos, self.kpos_w, self.kpos_b)  # (B, L, d * n_layers)
+        keys, values = [], []
+        for i in range(self.nl):
+            kc, kpi = kv[..., 2 * d * i: 2 * d * i + d], kp[..., d * i: d * (i + 1)]
+            if i == 0:  # the first layer's content keys carry the positions too
+                kc = kc + kpi
+            k = torch.cat([kc.reshape(b, l, h, hd), kpi.reshape(b, l, h, hd)], -1)  # (B, L, H, 2 hd)
+            keys.append(k.transpose(1, 2))  # (B, H, L, 2 hd)
+            values.append(heads(kv[..., 2 * d * i + d: 2 * d * (i + 1)], h))  # (B, H, L, hd)
+        return keys, values, kv[..., 2 * d * self.nl:]
+
+    def _cross(self, i: int, t1: Tensor, q: Tensor, key: Tensor, value: Tensor, vkeep4: Tensor) -> Tensor:
+        """Cross-attention + norm2 + FFN + norm3 of layer i. t1 (B, Q, d), q (B, H, Q, 2 hd)."""
+        e1, e2, e3 = self.eps[i]
+        a = F.scaled_dot_product_attention(q, key, value, attn_mask=vkeep4, scale=(2 * self.hd) ** -0.5)
+        t2 = layer_norm(t1 + F.linear(merge_heads(a), getattr(self, f"cao{i}_w"), getattr(self, f"cao{i}_b")),
+                        (getattr(self, f"norm2_{i}_w"), getattr(self, f"norm2_{i}_b")), e2)
+        f = F.linear(F.prelu(F.linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")),
+                             getattr(self, f"prelu_{i}")), getattr(self, f"l2_{i}_w"), getattr(self, f"l2_{i}_b"))
+        return layer_norm(t2 + f, (getattr(self, f"norm3_{i}_w"), getattr(self, f"norm3_{i}_b")), e3)
+
+    def _self(self, i: int, x: Tensor, g: Tensor, qk: Tensor) -> Tensor:
+        """Self-attention + norm1 of layer i: x (B, Q, d) its input, qk (B, Q, 2d), v = g's last d columns."""
+        d, h = self.d, self.nhead
+        a = F.scaled_dot_product_attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(g[..., -d:], h))
+        return layer_norm(x + F.linear(merge_heads(a), getattr(self, f"sao{i}_w"), getattr(self, f"sao{i}_b")),
+                          (getattr(self, f"norm1_{i}_w"), getattr(self, f"norm1_{i}_b")), self.eps[i][0])
+
+    def _layer(self, i: int, x: Tensor, ref: Tensor | None, key: Tensor, value: Tensor, vkeep4: Tensor):
+        """Layer i > 0 or layer 0 after loop 0. x (B, Q, d) the layer input; ref (B, Q, 2) fp32 the previous
+        layer's input reference (None for layer 0). Returns (out, this layer's reference)."""
+        b, nq, d = x.shape
+        h, half = self.nhead, x.dtype != torch.float32
+        if i == 0:
+            g = torch.baddbmm(self.g0_c, x, self.g0_wt.expand(b, -1, -1))  # [rah1 | q | k | v]
+            rah = F.linear(g[..., :d].relu(), self.z0_w, self.z0_b)  # (B, Q, 1)
+            sine = rah.float().sigmoid() * self.s0r  # (B, Q, d)
+            t1 = self._self(0, x, g, g[..., d:3 * d])
+            qin = torch.cat([t1, sine.to(x.dtype) if half else sine], -1)
+            q = torch.baddbmm(self.q0_c, qin, self.q0_wt.expand(b, -1, -1))  # (B, Q, 2d)
+            return self._cross(0, t1, heads(q, h), key, value, vkeep4), None
+        g = F.linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
+        z = F.linear(g[..., :3 * d].relu(), getattr(self, f"z{i}_w"), getattr(self, f"z{i}_b"))  # [bb2 | qs2 | rah2]
+        delta = F.linear(z[..., :d].relu(), self.bb3_w, self.bb3_b)
+        inv = self.inv0 if i == 1 else inverse_sigmoid(ref)
+        new_ref = ((delta.float() if half else delta) + inv).sigmoid()  # (B, Q, 2) this layer's reference
+        sine = anchor_sine(new_ref, self.freq, self.phase)  # (B, Q, d) fp32
+        scale = z[..., 2 * d:].float().sigmoid() / new_ref[..., 1:2] if half else z[..., 2 * d:].sigmoid() / new_ref[..., 1:2]
+        if half:
+            sine = sine.to(x.dtype)
+        hr = F.linear(sine, self.rph1_w, self.rph1_b).relu_()
+        qk = g[..., 3 * d:5 * d] + F.linear(hr, getattr(self, f"p{i}_w"), getattr(self, f"p{i}_b"))
+        t1 = self._self(i, x, g, qk)
+        mod = sine * z[..., d:2 * d] * (scale.to(x.dtype) if half else scale)
+        q = F.linear(torch.cat([t1, mod], -1), getattr(self, f"q{i}_w"), getattr(self, f"q{i}_b"))
+        return self._cross(i, t1, heads(q, h), key, value, vkeep4), new_ref
+
+    def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b = memory.shape[0]
+        keys, values, extra = self._memory_side(memory, pos)
+        vkeep4 = vkeep[:, None, None, :]
+        x = None
+        ref = None
+        for j in range(self.loops):
+            for i in range(self.nl):
+                if j == 0 and i == 0:  # constant up to the cross-attention query
+                    t1 = self.t1_loop0.expand(b, -1, -1)
+                    x, ref = self._cross(0, t1, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vkeep4), None
+                else:
+                    x, ref = self._layer(i, x, ref, keys[i], values[i], vkeep4)
+            x = layer_norm(x, (self.norm_w, self.norm_b), self.norm_eps)  # next loop's tgt; the last loop's hs
+        return x, (self.ref0 if ref is None else ref), extra

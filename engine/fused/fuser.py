@@ -1,0 +1,267 @@
+"""Fused unimodal encoders and Convolutional Fuser (replace ``reference.unimodal_encoder``,
+``reference.v2t_extractor``, ``reference.transformer`` and ``reference.conv_blocks`` at inference).
+
+Everything is batch-first, (B, L, d) / (B, N, d); masks are bool, True = valid. What changes against the
+reference, all derived from its weights at build time:
+
+* the text encoder's last linear also emits, in the same GEMM, every linear map of the text the fuser needs:
+  ``txt * w4mlu``, the V2T score terms ``txt . w4Q`` and ``txt . weight`` (attention pooling), and the keys and
+  values of every T2V layer (``chain``: W_k (W_2 x + b_2) + b_k as one affine map; text is N <= 32 rows, so the
+  wider GEMM is cheap). The video encoder's last linear likewise emits ``vid . w4C`` and a column of ones, so
+  the V2T score ``A = V'wC + (T'wQ)^T + (V' * wM) T'^T`` is ONE batched matmul;
+* V2T: ``(A_r A_c^T) V'`` is evaluated as ``A_r (A_c^T V')`` (one matmul for T_v and V_t), the 1x1 convolution
+  ``cqa_linear`` is folded into the first half of ``conv1d`` (two linears with nothing between them) and the
+  pooled text vector enters the same GEMM;
+* attention projections packed (q and k of the self-attention in one GEMM, k and v of the T2V layers in the
+  text GEMM), one ``scaled_dot_product_attention`` call per attention;
+* Convolutional Blocks: BatchNorm folded once into buffers (``kernels.conv_block.fold_conv_bn``); off CUDA
+  each k=3 conv is one GEMM over the three shifted inputs ``[x_{t-1} | x_t | x_{t+1}]``, the second with the
+  residual accumulated in the same ``addmm``; on CUDA the fused Triton block kernel. Padded clips are zero
+  between blocks (the reference zeroes them before each conv), so only valid clips of the result are defined,
+  as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reference.conv_blocks import ConvolutionalBlocks
+from reference.fuser import ConvolutionalFuser
+from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
+from reference.unimodal_encoder import UnimodalEncoder
+from reference.v2t_extractor import V2TExtractor
+
+from .common import FusedModule, chain, f64, heads, layer_norm, masked, merge_heads, mha_wb, rows, wb
+
+
+def _ln(module) -> tuple[Tensor, Tensor]:
+    return f64(module.weight), f64(module.bias)
+
+
+class FusedUnimodalEncoder(FusedModule):
+    """LN -> Linear -> ReLU -> LN -> Linear, the last linear extended by ``extra`` affine maps of its output.
+
+    forward(x (B, T, D_in)) -> (B, T, d + extra_dim): [encoder output | extra(encoder output)]."""
+
+    replaces = "reference.unimodal_encoder.UnimodalEncoder"
+
+    def __init__(self, enc: UnimodalEncoder, extra: tuple[Tensor, Tensor] | None = None):
+        super().__init__()
+        self.eps1, self.eps2 = enc.norm1.eps, enc.norm2.eps
+        for name, t in zip(("n1w", "n1b"), _ln(enc.norm1)):
+            self.put(name, t)
+        for name, t in zip(("n2w", "n2b"), _ln(enc.norm2)):
+            self.put(name, t)
+        w1, b1 = wb(enc.linear1)
+        w2, b2 = wb(enc.linear2)
+        if extra is not None:
+            w2, b2 = rows((w2, b2), chain(extra, (w2, b2)))
+        self.put("w1", w1), self.put("b1", b1), self.put("w2", w2), self.put("b2", b2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.linear(layer_norm(x, (self.n1w, self.n1b), self.eps1), self.w1, self.b1).relu_()
+        return F.linear(layer_norm(x, (self.n2w, self.n2b), self.eps2), self.w2, self.b2)
+
+
+def video_extra(v2t: V2TExtractor) -> tuple[Tensor, Tensor]:
+    """Rows appended to the video encoder's output: [vid . w4C | 1] (the V2T score's video-side columns)."""
+    d = v2t.w4C.shape[0]
+    w = torch.cat([f64(v2t.w4C).T, torch.zeros(1, d, dtype=torch.float64)], 0)  # (2, d)
+    return w, torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+
+def text_extra(v2t: V2TExtractor, t2v_layers, use_txt_pos: bool) -> tuple[Tensor, Tensor]:
+    """Rows appended to the text encoder's output: [txt * w4mlu | 1 | txt . w4Q | txt . weight | k_0 | v_0 | ...].
+
+    With ``use_txt_pos`` the T2V keys also read the positional term, added by the fuser (k rows stay here)."""
+    d = v2t.w4C.shape[0]
+    z = torch.zeros
+    parts = [(torch.diag(f64(v2t.w4mlu).reshape(d)), z(d, dtype=torch.float64)),
+             (z(1, d, dtype=torch.float64), torch.ones(1, dtype=torch.float64)),
+             (f64(v2t.w4Q).T, z(1, dtype=torch.float64)),
+             (f64(v2t.weight).T, z(1, dtype=torch.float64))]
+    for layer in t2v_layers:
+        _, wk, wv, _, bk, bv = mha_wb(layer.self_attn)
+        parts += [(wk, bk), (wv, bv)]
+    return rows(*parts)
+
+
+class FusedV2T(FusedModule):
+    """V2T Extractor. forward(vid_ext (Bv, L, d + 2) = [V' | V'wC | 1], txt (B, N, d), txt_score (B, N, d + 2) =
+    [T' * wM | 1 | T'wQ], pool_logit (B, N), vkeep (B, L), tkeep (B, N)) -> V'v (B, L, d)."""
+
+    replaces = "reference.v2t_extractor.V2TExtractor"
+
+    def __init__(self, v2t: V2TExtractor):
+        super().__init__()
+        d = v2t.w4C.shape[0]
+        wc, bc = f64(v2t.cqa_linear.weight)[:, :, 0], f64(v2t.cqa_linear.bias)  # (d, 4d)
+        wo, bo = f64(v2t.conv1d.weight)[:, :, 0], f64(v2t.conv1d.bias)  # (d, 2d)
+        w, b = chain((wo[:, :d], bo), (wc, bc))  # conv1d's fused-half o cqa_linear: (d, 4d)
+        self.put("w", torch.cat([w, wo[:, d:]], 1))  # input [V' | T_v | V'*T_v | V'*V_t | pooled]: (d, 5d)
+        self.put("b", b)
+
+    def forward(self, vid_ext: Tensor, txt: Tensor, txt_score: Tensor, pool_logit: Tensor, vkeep: Tensor,
+                tkeep: Tensor) -> Tensor:
+        b, n, d = txt.shape
+        vid = vid_ext[..., :d]
+        score = torch.matmul(vid_ext, txt_score.transpose(1, 2))  # (B, L, N)
+        a_r = torch.softmax(masked(score, tkeep[:, None, :]), dim=2)  # over tokens
+        a_c = torch.softmax(masked(score, vkeep[:, :, None]), dim=1)  # over clips
+        tv = torch.matmul(a_r, torch.cat([txt, torch.matmul(a_c.transpose(1, 2), vid)], 2))  # [T_v | V_t] (B, L, 2d)
+        l = tv.shape[1]
+        prod = (vid[:, :, None, :] * tv.view(b, l, 2, d)).view(b, l, 2 * d)  # [V'*T_v | V'*V_t]
+        beta = torch.softmax(masked(pool_logit, tkeep), dim=1)  # (B, N)
+        pooled = torch.matmul(beta[:, None, :], txt)  # (B, 1, d)
+        x = torch.cat([vid.expand(b, l, d), tv[..., :d], prod, pooled.expand(b, l, d)], 2)  # (B, L, 5d)
+        return F.linear(x, self.w, self.b).relu_()
+
+
+class _FFN(FusedModule):
+    def _init_ffn(self, layer) -> None:
+        self.put("l1w", f64(layer.linear1.weight)), self.put("l1b", f64(layer.linear1.bias))
+        self.put("l2w", f64(layer.linear2.weight)), self.put("l2b", f64(layer.linear2.bias))
+        self.put("prelu", f64(layer.activation.weight))
+        self.put("n1w", f64(layer.norm1.weight)), self.put("n1b", f64(layer.norm1.bias))
+        self.put("n2w", f64(layer.norm2.weight)), self.put("n2b", f64(layer.norm2.bias))
+        self.eps1, self.eps2 = layer.norm1.eps, layer.norm2.eps
+        self.nhead = layer.self_attn.num_heads
+        self.put("ow", f64(layer.self_attn.out_proj.weight)), self.put("ob", f64(layer.self_attn.out_proj.bias))
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return F.linear(F.prelu(F.linear(x, self.l1w, self.l1b), self.prelu), self.l2w, self.l2b)
+
+
+class FusedT2VLayer(_FFN):
+    """forward(vid (B, L, d), pos (B, L, d), kv (B, N, 2d) [k | v] from the text GEMM, tkeep4 (B, 1, 1, N))."""
+
+    replaces = "reference.transformer.T2VEncoderLayer"
+
+    def __init__(self, layer: T2VEncoderLayer):
+        super().__init__()
+        self._init_ffn(layer)
+        wq, _, _, bq, _, _ = mha_wb(layer.self_attn)
+        self.put("qw", wq), self.put("qb", bq)
+
+    def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tkeep4: Tensor) -> Tensor:
+        d = vid.shape[-1]
+        q = F.linear(vid + pos, self.qw, self.qb)
+        a = F.scaled_dot_product_attention(heads(q, self.nhead), heads(kv[..., :d], self.nhead),
+                                           heads(kv[..., d:], self.nhead), attn_mask=tkeep4)
+        vid = vid + F.linear(merge_heads(a), self.ow, self.ob)
+        # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
+        f = self._ffn(layer_norm(vid, (self.n1w, self.n1b), self.eps1))
+        return layer_norm(vid + f, (self.n2w, self.n2b), self.eps2)
+
+
+class FusedEncoderLayer(_FFN):
+    """forward(x (B, L, d), pos (B, L, d), vkeep4 (B, 1, 1, L)) -> (B, L, d)."""
+
+    replaces = "reference.transformer.TransformerEncoderLayer"
+
+    def __init__(self, layer: TransformerEncoderLayer):
+        super().__init__()
+        self._init_ffn(layer)
+        wq, wk, wv, bq, bk, bv = mha_wb(layer.self_attn)
+        qk = rows((wq, bq), (wk, bk))
+        self.put("qkw", qk[0]), self.put("qkb", qk[1]), self.put("vw", wv), self.put("vb", bv)
+
+    def forward(self, x: Tensor, pos: Tensor, vkeep4: Tensor) -> Tensor:
+        d = x.shape[-1]
+        qk = F.linear(x + pos, self.qkw, self.qkb)
+        v = F.linear(x, self.vw, self.vb)
+        a = F.scaled_dot_product_attention(heads(qk[..., :d], self.nhead), heads(qk[..., d:], self.nhead),
+                                           heads(v, self.nhead), attn_mask=vkeep4)
+        x = layer_norm(x + F.linear(merge_heads(a), self.ow, self.ob), (self.n1w, self.n1b), self.eps1)
+        return layer_norm(x + self._ffn(x), (self.n2w, self.n2b), self.eps2)
+
+
+class FusedConvBlocks(FusedModule):
+    """Convolutional Blocks with BN folded. forward(x (B, L, d) zero at padded clips, m (B, L, 1) float
+    valid mask, vkeep (B, L) bool) -> (B, L, d), zero at padded clips."""
+
+    replaces = "reference.conv_blocks.ConvolutionalBlocks"
+    kernel_backend: str = "auto"
+    kernel_precision: str = "auto"
+
+    def __init__(self, blocks: ConvolutionalBlocks):
+        super().__init__()
+        from kernels.conv_block import fold_conv_bn
+
+        self.n = len(blocks.blocks)
+        for i, blk in enumerate(blocks.blocks):
+            w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)  # (D_out, D_in, 3), (D_out,) float64
+            w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
+            d = w1.shape[0]
+            # (3 * D_in, D_out) with row k * D_in + c = W'[:, c, k]: the GEMM over [x_{t-1} | x_t | x_{t+1}]
+            self.put(f"w1_{i}", w1.permute(2, 1, 0).reshape(3 * d, d))
+            self.put(f"b1_{i}", b1)
+            # conv2's bias as a last row, read by the mask column (zero at padded clips)
+            self.put(f"w2_{i}", torch.cat([w2.permute(2, 1, 0).reshape(3 * d, d), b2[None]], 0))
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        from kernels._utils import resolve_backend
+        from .positions import _is_tracing
+
+        return x.is_cuda and not _is_tracing() and resolve_backend(self.kernel_backend, x.device) == "triton"
+
+    def forward(self, x: Tensor, m: Tensor, vkeep: Tensor) -> Tensor:
+        b, l, d = x.shape
+        if self._use_kernel(x):
+            from kernels.conv_block import FoldedBlock, residual_block_stack
+
+            blocks = [FoldedBlock(getattr(self, f"w1_{i}").view(3, d, d), getattr(self, f"b1_{i}").float(),
+                                  getattr(self, f"w2_{i}")[:-1].view(3, d, d), getattr(self, f"w2_{i}")[-1].float())
+                      for i in range(self.n)]
+            return residual_block_stack(x.contiguous(), vkeep.contiguous(), blocks, seq_first=False,
+                                        precision=self.kernel_precision) * m
+        for i in range(self.n):
+            xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d)
+            x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], 2).view(b * l, 3 * d)
+            h = (torch.addmm(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}")).view(b, l, d).relu_() * m)
+            hp = F.pad(h, (0, 0, 1, 1))
+            h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m], 2).view(b * l, 3 * d + 1)
+            x = torch.addmm(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}")).view(b, l, d).relu_() * m
+        return x
+
+
+class FusedConvolutionalFuser(FusedModule):
+    """The Convolutional Fuser after the encoders. forward(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep) -> R
+    (B, L, d) batch-first; ``txt_ext`` is the text encoder's extended output (see :func:`text_extra`)."""
+
+    replaces = "reference.fuser.ConvolutionalFuser"
+
+    def __init__(self, fuser: ConvolutionalFuser, use_txt_pos: bool):
+        super().__init__()
+        self.v2t = FusedV2T(fuser.v2t_extractor)
+        self.t2v = torch.nn.ModuleList(FusedT2VLayer(l) for l in fuser.t2v_encoder.layers)
+        self.enc1 = torch.nn.ModuleList(FusedEncoderLayer(l) for l in fuser.transformer_encoder1.layers)
+        self.conv = FusedConvBlocks(fuser.convolutional_block)
+        self.enc2 = torch.nn.ModuleList(FusedEncoderLayer(l) for l in fuser.transformer_encoder2.layers)
+        self.use_txt_pos = use_txt_pos
+        if use_txt_pos:  # the T2V keys read txt + pos_txt: the positional half of every key projection
+            wk = [mha_wb(l.self_attn)[1] for l in fuser.t2v_encoder.layers]
+            d = fuser.v2t_extractor.w4C.shape[0]
+            z = torch.zeros(d, d, dtype=torch.float64)
+            self.put("kpos_w", torch.cat([w for k in wk for w in (k, z)], 0) if wk else torch.zeros(0, d))
+
+    def forward(self, vid_ext: Tensor, txt_ext: Tensor, pos: Tensor, pos_txt: Tensor | None, vkeep: Tensor,
+                tkeep: Tensor) -> Tensor:
+        d = pos.shape[-1]
+        txt = txt_ext[..., :d]
+        x = self.v2t(vid_ext, txt, txt_ext[..., d:2 * d + 2], txt_ext[..., 2 * d + 2], vkeep, tkeep)
+        kv = txt_ext[..., 2 * d + 3:]  # (B, N, 2d * n_t2v)
+        if self.use_txt_pos and len(self.t2v):
+            kv = kv + F.linear(pos_txt, self.kpos_w)
+        tkeep4, vkeep4 = tkeep[:, None, None, :], vkeep[:, None, None, :]
+        for i, layer in enumerate(self.t2v):
+            x = layer(x, pos, kv[..., 2 * d * i: 2 * d * (i + 1)], tkeep4)
+        for layer in self.enc1:
+            x = layer(x, pos, vkeep4)
+        m = vkeep[..., None].to(x.dtype)  # (B, L, 1)
+        x = self.conv(x * m, m, vkeep)
+        for layer in self.enc2:
+            x = layer(x, pos, vkeep4)
+        return x

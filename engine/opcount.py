@@ -1,0 +1,83 @@
+"""Count the ops a forward dispatches — the same way for every model, so counts compare.
+
+    from engine.opcount import count_ops
+    report = count_ops(model, video, video_mask, text, text_mask)
+    report.total, report.counts.most_common(10)
+
+Rules (issue #12): under ``torch.inference_mode``; view ops (an aten op whose output aliases its input
+without writing it: ``view``, ``transpose``, ``expand``, slicing, ``reshape``...) excluded; one op per
+``nn.GRU`` call (whatever it decomposes to) and one per GRU custom-op call. In-place ops count.
+Counting happens at the Python dispatch level (``TorchDispatchMode``), so a composite op such as
+``aten.linear`` or ``aten.scaled_dot_product_attention`` is one op on both sides.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def is_view_op(func) -> bool:
+    """True for ops whose outputs alias an input without writing it."""
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
+
+
+@dataclass
+class OpReport:
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    views: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def table(self, top: int = 15) -> str:
+        lines = [f"{self.total} non-view ops ({self.views} view ops not counted)"]
+        lines += [f"  {n:5d}  {name}" for name, n in self.counts.most_common(top)]
+        return "\n".join(lines)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, report: OpReport):
+        super().__init__()
+        self.report = report
+        self.suppress = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.suppress:
+            if is_view_op(func):
+                self.report.views += 1
+            else:
+                self.report.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable, *args, **kwargs) -> OpReport:
+    """Run ``fn(*args, **kwargs)`` once under inference mode and count its non-view ops (see module doc)."""
+    report = OpReport()
+    mode = _Counter(report)
+    hooks = []
+    modules = fn.modules() if isinstance(fn, nn.Module) else ()
+    for m in modules:
+        if isinstance(m, nn.RNNBase):
+            def pre(_m, _a):
+                report.counts["nn.GRU call" if isinstance(_m, nn.GRU) else "nn.RNN call"] += 1
+                mode.suppress += 1
+
+            def post(_m, _a, _o):
+                mode.suppress -= 1
+
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.inference_mode(), mode:
+            fn(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return report
