@@ -75,6 +75,15 @@ def heads(x: Tensor, h: int) -> Tensor:
     return x.view(b, s, h, -1).transpose(1, 2)
 
 
+def residual(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """x + a @ w^T in one op, the bias already carried by x (see "bias shift" in engine.fused.model).
+
+    x (B, S, d) or a constant (S, d) broadcast over the batch; a (B, S, k); w (d, k) -> (B, S, d)."""
+    if x.dim() == 2:
+        return torch.baddbmm(x, a, w.t().expand(a.shape[0], -1, -1))
+    return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w.t()).view(x.shape)
+
+
 def merge_heads(x: Tensor) -> Tensor:
     """(B, h, S, e) -> (B, S, h * e)."""
     b, h, s, e = x.shape

@@ -24,8 +24,13 @@ over ``[tgt | sine]``. Dead work is gone: the last layer's bbox_embed (never rea
 but the last (only the last layer feeds the outputs at inference: aux heads are dropped) and, in loops
 before the last, everything the next loop does not read.
 
-forward(memory (B, L, d), pos (B, L, d), vkeep (B, L) bool) -> (hs (B, Q, d) = norm(last layer), ref (B, Q, 2)
-or (Q, 2) the last layer's input reference, fp32; mem_extra (B, L, e) the extra memory columns).
+forward(memory (B, L, d), pos (B, L, d), vkeep (B, L) bool) -> (hs (B, Q, d) = norm(last layer) + ``input_shift``
+(the bias shift, see below), ref (B, Q, 2) or (Q, 2) the last layer's input reference, fp32; mem_extra
+(B, L, e) the extra memory columns).
+
+Bias shift: every LayerNorm output carries (in its beta) the bias of the linear whose residual it feeds, so
+``x + (W a + b)`` is one ``addmm(x', a, W^T)``; every other reader of x' subtracts ``W b`` from its own bias
+(exact algebra, done at build time).
 """
 
 from __future__ import annotations
@@ -40,8 +45,13 @@ from reference.decoder import LoopDecoder
 from reference.position_encoding import anchor_sine_embed
 from reference.span_utils import inverse_sigmoid
 
-from .common import FusedModule, block_diag, chain, f64, heads, layer_norm, merge_heads, rows, wb
+from .common import FusedModule, block_diag, chain, f64, heads, layer_norm, merge_heads, residual, rows, wb
 from .positions import anchor_sine, anchor_sine_constants
+
+
+def _inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """reference.span_utils.inverse_sigmoid for x in [0, 1] (a sigmoid's output), without its no-op clamp."""
+    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
 def _interleave(content: Tensor, sine: Tensor, h: int) -> Tensor:
@@ -69,52 +79,62 @@ class FusedLoopDecoder(FusedModule):
             s0 = anchor_sine_embed(ref0, d)  # (Q, d)
             qpos0 = dbl.ref_point_head(s0)
             self.put("ref0", ref0)
-            self.put("inv0", inverse_sigmoid(ref0))
+            inv0 = inverse_sigmoid(ref0)
+            self.put("inv0", inv0)
             freq, phase = anchor_sine_constants(d)
             self.put("freq", freq), self.put("phase", phase)
             self.put("s0r", s0 / ref0[:, 1:2])  # layer 0's sine / width: scaled by sigmoid(ref_anchor_head)
 
-            # ---- per-layer packed weights
+            # ---- per-layer packed weights. Bias shift: each LayerNorm's output carries the bias of the linear
+            # whose residual it feeds (its beta + b), so that residual add is one addmm without bias; every other
+            # reader of that output subtracts W b from its own bias.
+            s_x = [wb(lay.self_attn.out_proj)[1] for lay in L]  # layer i's input carries sa out_proj's bias
+            self.input_shift = s_x[0]  # carried by the decoder norm's output (the next loop's / the heads' input)
             bb, qs, rah = dbl.bbox_embed.layers, dbl.query_scale.layers, dbl.ref_anchor_head.layers
             rph1, rph2 = wb(dbl.ref_point_head.layers[0]), wb(dbl.ref_point_head.layers[1])
             self.put("rph1_w", rph1[0]), self.put("rph1_b", rph1[1])
             self.put("bb3_w", wb(bb[2])[0]), self.put("bb3_b", wb(bb[2])[1])
+            self.put("bb3_c1", inv0 + wb(bb[2])[1])  # layer 1's box update: + inverse_sigmoid(ref0), constant
             for i, lay in enumerate(L):
+                s_t1, s_t2 = wb(lay.cross_attn.out_proj)[1], wb(lay.linear2)[1]
+                s_out = s_x[i + 1] if i + 1 < len(L) else torch.zeros_like(s_t1)
                 sa = [wb(lay.sa_qcontent_proj), wb(lay.sa_kcontent_proj), wb(lay.sa_v_proj)]
                 first = [wb(rah[0])] if i == 0 else [wb(bb[0]), wb(qs[0]), wb(rah[0])]
                 second = [wb(rah[1])] if i == 0 else [wb(bb[1]), wb(qs[1]), wb(rah[1])]
                 g_w, g_b = rows(*first, *sa)
+                g_b = g_b - g_w @ s_x[i]
                 z_w, z_b = block_diag(*second)
                 if i == 0:  # + the constant positional q/k of layer 0's self-attention, per query
                     cqk = torch.cat([lay.sa_qpos_proj(qpos0), lay.sa_kpos_proj(qpos0)], -1)  # (Q, 2d)
                     zq = torch.zeros(qpos0.shape[0], d, dtype=torch.float64)
                     self.put("g0_c", g_b + torch.cat([zq, cqk, zq], -1))  # (Q, G) per-query bias
-                    self.put("g0_wt", g_w.T)
-                else:
-                    self.put(f"g{i}_w", g_w), self.put(f"g{i}_b", g_b)
+                    self.put("g0_w", g_w)
+                else:  # ref_point_head's second layer folded into the positional q/k; its bias rides in g's
                     p_w, p_b = rows(chain(wb(lay.sa_qpos_proj), rph2), chain(wb(lay.sa_kpos_proj), rph2))
-                    self.put(f"p{i}_w", p_w), self.put(f"p{i}_b", p_b)
+                    g_b = g_b + torch.cat([torch.zeros(3 * d, dtype=torch.float64), p_b, torch.zeros(d, dtype=torch.float64)])
+                    self.put(f"g{i}_w", g_w), self.put(f"g{i}_b", g_b), self.put(f"p{i}_w", p_w)
                 self.put(f"z{i}_w", z_w), self.put(f"z{i}_b", z_b)
-                self.put(f"sao{i}_w", wb(lay.self_attn.out_proj)[0]), self.put(f"sao{i}_b", wb(lay.self_attn.out_proj)[1])
+                self.put(f"sao{i}_w", wb(lay.self_attn.out_proj)[0])
                 qc, qsn = wb(lay.ca_qcontent_proj), wb(lay.ca_qpos_sine_proj)
                 zero = torch.zeros(d, d, dtype=torch.float64)
                 q_w = _interleave(torch.cat([qc[0], zero], 1).T, torch.cat([zero, qsn[0]], 1).T, h).T  # (2d, 2d)
-                q_b = _interleave(qc[1], qsn[1], h)
+                q_b = _interleave(qc[1], qsn[1], h) - q_w[:, :d] @ s_t1
                 if i == 0:
                     qp = lay.ca_qpos_proj(qpos0)  # (Q, d)
                     self.put("q0_c", q_b + _interleave(qp, torch.zeros_like(qp), h))
-                    self.put("q0_wt", q_w.T)
+                    self.put("q0_w", q_w)
                 else:
                     self.put(f"q{i}_w", q_w), self.put(f"q{i}_b", q_b)
-                self.put(f"cao{i}_w", wb(lay.cross_attn.out_proj)[0]), self.put(f"cao{i}_b", wb(lay.cross_attn.out_proj)[1])
-                for n in ("norm1", "norm2", "norm3"):
+                self.put(f"cao{i}_w", wb(lay.cross_attn.out_proj)[0])
+                for n, shift in (("norm1", s_t1), ("norm2", s_t2), ("norm3", s_out)):
                     ln = getattr(lay, n)
-                    self.put(f"{n}_{i}_w", f64(ln.weight)), self.put(f"{n}_{i}_b", f64(ln.bias))
-                self.put(f"l1_{i}_w", wb(lay.linear1)[0]), self.put(f"l1_{i}_b", wb(lay.linear1)[1])
-                self.put(f"l2_{i}_w", wb(lay.linear2)[0]), self.put(f"l2_{i}_b", wb(lay.linear2)[1])
+                    self.put(f"{n}_{i}_w", f64(ln.weight)), self.put(f"{n}_{i}_b", f64(ln.bias) + shift)
+                l1w, l1b = wb(lay.linear1)
+                self.put(f"l1_{i}_w", l1w), self.put(f"l1_{i}_b", l1b - l1w @ s_t2)
+                self.put(f"l2_{i}_w", wb(lay.linear2)[0])
                 self.put(f"prelu_{i}", f64(lay.activation.weight))
             self.eps = [(lay.norm1.eps, lay.norm2.eps, lay.norm3.eps) for lay in L]
-            self.put("norm_w", f64(dbl.norm.weight)), self.put("norm_b", f64(dbl.norm.bias))
+            self.put("norm_w", f64(dbl.norm.weight)), self.put("norm_b", f64(dbl.norm.bias) + s_x[0])
             self.norm_eps = dbl.norm.eps
 
             # ---- loop 0, layer 0: tgt = 0, so everything up to the cross-attention query is constant
@@ -125,7 +145,7 @@ class FusedLoopDecoder(FusedModule):
             t1 = l0.norm1(zeros + l0.self_attn(q, k, l0.sa_v_proj(zeros)))  # (Q, 1, d)
             sine = s0[:, None] * (dbl.ref_anchor_head(zeros).sigmoid() / ref0[:, None, 1:2])
             qca = _interleave(l0.ca_qcontent_proj(t1) + l0.ca_qpos_proj(qpos0[:, None]), l0.ca_qpos_sine_proj(sine), h)
-            self.put("t1_loop0", t1[:, 0])  # (Q, d)
+            self.put("t1_loop0", t1[:, 0] + wb(l0.cross_attn.out_proj)[1])  # (Q, d), bias-shifted
             self.put("qca_loop0", qca[:, 0].reshape(-1, h, 2 * self.hd).transpose(0, 1))  # (H, Q, 2 hd)
 
             # ---- memory side, all layers at once
@@ -155,20 +175,21 @@ class FusedLoopDecoder(FusedModule):
         return keys, values, kv[..., 2 * d * self.nl:]
 
     def _cross(self, i: int, t1: Tensor, q: Tensor, key: Tensor, value: Tensor, vkeep4: Tensor) -> Tensor:
-        """Cross-attention + norm2 + FFN + norm3 of layer i. t1 (B, Q, d), q (B, H, Q, 2 hd)."""
+        """Cross-attention + norm2 + FFN + norm3 of layer i. t1 (B, Q, d) (or the (Q, d) loop-0 constant),
+        q (B, H, Q, 2 hd)."""
         e1, e2, e3 = self.eps[i]
         a = F.scaled_dot_product_attention(q, key, value, attn_mask=vkeep4, scale=(2 * self.hd) ** -0.5)
-        t2 = layer_norm(t1 + F.linear(merge_heads(a), getattr(self, f"cao{i}_w"), getattr(self, f"cao{i}_b")),
+        t2 = layer_norm(residual(t1, merge_heads(a), getattr(self, f"cao{i}_w")),
                         (getattr(self, f"norm2_{i}_w"), getattr(self, f"norm2_{i}_b")), e2)
-        f = F.linear(F.prelu(F.linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")),
-                             getattr(self, f"prelu_{i}")), getattr(self, f"l2_{i}_w"), getattr(self, f"l2_{i}_b"))
-        return layer_norm(t2 + f, (getattr(self, f"norm3_{i}_w"), getattr(self, f"norm3_{i}_b")), e3)
+        p = F.prelu(F.linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")), getattr(self, f"prelu_{i}"))
+        return layer_norm(residual(t2, p, getattr(self, f"l2_{i}_w")),
+                          (getattr(self, f"norm3_{i}_w"), getattr(self, f"norm3_{i}_b")), e3)
 
     def _self(self, i: int, x: Tensor, g: Tensor, qk: Tensor) -> Tensor:
         """Self-attention + norm1 of layer i: x (B, Q, d) its input, qk (B, Q, 2d), v = g's last d columns."""
         d, h = self.d, self.nhead
         a = F.scaled_dot_product_attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(g[..., -d:], h))
-        return layer_norm(x + F.linear(merge_heads(a), getattr(self, f"sao{i}_w"), getattr(self, f"sao{i}_b")),
+        return layer_norm(residual(x, merge_heads(a), getattr(self, f"sao{i}_w")),
                           (getattr(self, f"norm1_{i}_w"), getattr(self, f"norm1_{i}_b")), self.eps[i][0])
 
     def _layer(self, i: int, x: Tensor, ref: Tensor | None, key: Tensor, value: Tensor, vkeep4: Tensor):
@@ -177,26 +198,30 @@ class FusedLoopDecoder(FusedModule):
         b, nq, d = x.shape
         h, half = self.nhead, x.dtype != torch.float32
         if i == 0:
-            g = torch.baddbmm(self.g0_c, x, self.g0_wt.expand(b, -1, -1))  # [rah1 | q | k | v]
+            g = torch.baddbmm(self.g0_c, x, self.g0_w.t().expand(b, -1, -1))  # [rah1 | q | k | v]
             rah = F.linear(g[..., :d].relu(), self.z0_w, self.z0_b)  # (B, Q, 1)
-            sine = rah.float().sigmoid() * self.s0r  # (B, Q, d)
+            sine = (rah.float() if half else rah).sigmoid() * self.s0r  # (B, Q, d)
             t1 = self._self(0, x, g, g[..., d:3 * d])
             qin = torch.cat([t1, sine.to(x.dtype) if half else sine], -1)
-            q = torch.baddbmm(self.q0_c, qin, self.q0_wt.expand(b, -1, -1))  # (B, Q, 2d)
+            q = torch.baddbmm(self.q0_c, qin, self.q0_w.t().expand(b, -1, -1))  # (B, Q, 2d)
             return self._cross(0, t1, heads(q, h), key, value, vkeep4), None
         g = F.linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
         z = F.linear(g[..., :3 * d].relu(), getattr(self, f"z{i}_w"), getattr(self, f"z{i}_b"))  # [bb2 | qs2 | rah2]
-        delta = F.linear(z[..., :d].relu(), self.bb3_w, self.bb3_b)
-        inv = self.inv0 if i == 1 else inverse_sigmoid(ref)
-        new_ref = ((delta.float() if half else delta) + inv).sigmoid()  # (B, Q, 2) this layer's reference
+        bb = z[..., :d].relu()
+        if i == 1 and not half:  # + inverse_sigmoid(ref0) + bias: a constant, inside the GEMM
+            new_ref = torch.baddbmm(self.bb3_c1, bb, self.bb3_w.t().expand(b, -1, -1)).sigmoid_()
+        else:
+            delta = F.linear(bb, self.bb3_w, self.bb3_b)
+            inv = self.inv0 if i == 1 else _inverse_sigmoid(ref)
+            new_ref = ((delta.float() if half else delta) + inv).sigmoid_()  # (B, Q, 2) this layer's reference
         sine = anchor_sine(new_ref, self.freq, self.phase)  # (B, Q, d) fp32
-        scale = z[..., 2 * d:].float().sigmoid() / new_ref[..., 1:2] if half else z[..., 2 * d:].sigmoid() / new_ref[..., 1:2]
+        scale = (z[..., 2 * d:].float() if half else z[..., 2 * d:]).sigmoid() / new_ref[..., 1:2]
         if half:
-            sine = sine.to(x.dtype)
+            sine, scale = sine.to(x.dtype), scale.to(x.dtype)
         hr = F.linear(sine, self.rph1_w, self.rph1_b).relu_()
-        qk = g[..., 3 * d:5 * d] + F.linear(hr, getattr(self, f"p{i}_w"), getattr(self, f"p{i}_b"))
+        qk = torch.baddbmm(g[..., 3 * d:5 * d], hr, getattr(self, f"p{i}_w").t().expand(b, -1, -1))
         t1 = self._self(i, x, g, qk)
-        mod = sine * z[..., d:2 * d] * (scale.to(x.dtype) if half else scale)
+        mod = sine * z[..., d:2 * d] * scale
         q = F.linear(torch.cat([t1, mod], -1), getattr(self, f"q{i}_w"), getattr(self, f"q{i}_b"))
         return self._cross(i, t1, heads(q, h), key, value, vkeep4), new_ref
 
@@ -209,8 +234,7 @@ class FusedLoopDecoder(FusedModule):
         for j in range(self.loops):
             for i in range(self.nl):
                 if j == 0 and i == 0:  # constant up to the cross-attention query
-                    t1 = self.t1_loop0.expand(b, -1, -1)
-                    x, ref = self._cross(0, t1, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vkeep4), None
+                    x = self._cross(0, self.t1_loop0, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vkeep4)
                 else:
                     x, ref = self._layer(i, x, ref, keys[i], values[i], vkeep4)
             x = layer_norm(x, (self.norm_w, self.norm_b), self.norm_eps)  # next loop's tgt; the last loop's hs

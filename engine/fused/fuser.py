@@ -33,7 +33,7 @@ from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
 from reference.unimodal_encoder import UnimodalEncoder
 from reference.v2t_extractor import V2TExtractor
 
-from .common import FusedModule, chain, f64, heads, layer_norm, masked, merge_heads, mha_wb, rows, wb
+from .common import FusedModule, chain, f64, heads, layer_norm, masked, merge_heads, mha_wb, residual, rows, wb
 
 
 def _ln(module) -> tuple[Tensor, Tensor]:
@@ -120,18 +120,42 @@ class FusedV2T(FusedModule):
 
 
 class _FFN(FusedModule):
-    def _init_ffn(self, layer) -> None:
-        self.put("l1w", f64(layer.linear1.weight)), self.put("l1b", f64(layer.linear1.bias))
-        self.put("l2w", f64(layer.linear2.weight)), self.put("l2b", f64(layer.linear2.bias))
+    """Shared parts of the fused encoder layers. Bias shift (see engine.fused.decoder): ``in_shift`` is the
+    bias this layer's input carries (its own attention out_proj bias, when the input comes from the
+    previous layer's norm2), ``out_shift`` the one its output must carry (the next layer's)."""
+
+    def _init_ffn(self, layer, out_shift: Tensor | None, shift_ffn: bool) -> None:
+        l1w, l1b = f64(layer.linear1.weight), f64(layer.linear1.bias)
+        l2b = f64(layer.linear2.bias)
+        n1b, n2b = f64(layer.norm1.bias), f64(layer.norm2.bias)
+        self.shift_ffn = shift_ffn
+        if shift_ffn:  # norm1's output feeds the FFN residual: it carries linear2's bias
+            n1b, l1b, l2b = n1b + l2b, l1b - l1w @ l2b, None
+        if out_shift is not None:
+            n2b = n2b + out_shift
+        self.put("l1w", l1w), self.put("l1b", l1b)
+        self.put("l2w", f64(layer.linear2.weight))
+        if l2b is not None:
+            self.put("l2b", l2b)
         self.put("prelu", f64(layer.activation.weight))
-        self.put("n1w", f64(layer.norm1.weight)), self.put("n1b", f64(layer.norm1.bias))
-        self.put("n2w", f64(layer.norm2.weight)), self.put("n2b", f64(layer.norm2.bias))
+        self.put("n1w", f64(layer.norm1.weight)), self.put("n1b", n1b)
+        self.put("n2w", f64(layer.norm2.weight)), self.put("n2b", n2b)
         self.eps1, self.eps2 = layer.norm1.eps, layer.norm2.eps
         self.nhead = layer.self_attn.num_heads
         self.put("ow", f64(layer.self_attn.out_proj.weight)), self.put("ob", f64(layer.self_attn.out_proj.bias))
 
-    def _ffn(self, x: Tensor) -> Tensor:
-        return F.linear(F.prelu(F.linear(x, self.l1w, self.l1b), self.prelu), self.l2w, self.l2b)
+    def _attn_residual(self, x: Tensor, a: Tensor) -> Tensor:
+        """x + out_proj(a): one addmm when x carries the bias."""
+        a = merge_heads(a)
+        return residual(x, a, self.ow) if self.in_shifted else x + F.linear(a, self.ow, self.ob)
+
+    def _hidden(self, x: Tensor) -> Tensor:
+        return F.prelu(F.linear(x, self.l1w, self.l1b), self.prelu)
+
+
+def _shift_in(w: Tensor, b: Tensor, shift: Tensor | None) -> Tensor:
+    """The bias of a linear reading an input that carries ``shift``."""
+    return b if shift is None else b - w @ shift
 
 
 class FusedT2VLayer(_FFN):
@@ -139,20 +163,21 @@ class FusedT2VLayer(_FFN):
 
     replaces = "reference.transformer.T2VEncoderLayer"
 
-    def __init__(self, layer: T2VEncoderLayer):
+    def __init__(self, layer: T2VEncoderLayer, in_shifted: bool = False, out_shift: Tensor | None = None):
         super().__init__()
-        self._init_ffn(layer)
+        self._init_ffn(layer, out_shift, shift_ffn=False)  # its FFN residual adds the un-normalised x
+        self.in_shifted = in_shifted
         wq, _, _, bq, _, _ = mha_wb(layer.self_attn)
-        self.put("qw", wq), self.put("qb", bq)
+        self.put("qw", wq), self.put("qb", _shift_in(wq, bq, f64(layer.self_attn.out_proj.bias) if in_shifted else None))
 
     def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tkeep4: Tensor) -> Tensor:
         d = vid.shape[-1]
         q = F.linear(vid + pos, self.qw, self.qb)
         a = F.scaled_dot_product_attention(heads(q, self.nhead), heads(kv[..., :d], self.nhead),
                                            heads(kv[..., d:], self.nhead), attn_mask=tkeep4)
-        vid = vid + F.linear(merge_heads(a), self.ow, self.ob)
+        vid = self._attn_residual(vid, a)
         # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
-        f = self._ffn(layer_norm(vid, (self.n1w, self.n1b), self.eps1))
+        f = F.linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
         return layer_norm(vid + f, (self.n2w, self.n2b), self.eps2)
 
 
@@ -161,12 +186,15 @@ class FusedEncoderLayer(_FFN):
 
     replaces = "reference.transformer.TransformerEncoderLayer"
 
-    def __init__(self, layer: TransformerEncoderLayer):
+    def __init__(self, layer: TransformerEncoderLayer, in_shifted: bool = False, out_shift: Tensor | None = None):
         super().__init__()
-        self._init_ffn(layer)
+        self._init_ffn(layer, out_shift, shift_ffn=True)
+        self.in_shifted = in_shifted
+        s = f64(layer.self_attn.out_proj.bias) if in_shifted else None
         wq, wk, wv, bq, bk, bv = mha_wb(layer.self_attn)
-        qk = rows((wq, bq), (wk, bk))
-        self.put("qkw", qk[0]), self.put("qkb", qk[1]), self.put("vw", wv), self.put("vb", bv)
+        qkw, qkb = rows((wq, bq), (wk, bk))
+        self.put("qkw", qkw), self.put("qkb", _shift_in(qkw, qkb, s))
+        self.put("vw", wv), self.put("vb", _shift_in(wv, bv, s))
 
     def forward(self, x: Tensor, pos: Tensor, vkeep4: Tensor) -> Tensor:
         d = x.shape[-1]
@@ -174,8 +202,8 @@ class FusedEncoderLayer(_FFN):
         v = F.linear(x, self.vw, self.vb)
         a = F.scaled_dot_product_attention(heads(qk[..., :d], self.nhead), heads(qk[..., d:], self.nhead),
                                            heads(v, self.nhead), attn_mask=vkeep4)
-        x = layer_norm(x + F.linear(merge_heads(a), self.ow, self.ob), (self.n1w, self.n1b), self.eps1)
-        return layer_norm(x + self._ffn(x), (self.n2w, self.n2b), self.eps2)
+        x = layer_norm(self._attn_residual(x, a), (self.n1w, self.n1b), self.eps1)
+        return layer_norm(residual(x, self._hidden(x), self.l2w), (self.n2w, self.n2b), self.eps2)
 
 
 class FusedConvBlocks(FusedModule):
@@ -236,10 +264,20 @@ class FusedConvolutionalFuser(FusedModule):
     def __init__(self, fuser: ConvolutionalFuser, use_txt_pos: bool):
         super().__init__()
         self.v2t = FusedV2T(fuser.v2t_extractor)
-        self.t2v = torch.nn.ModuleList(FusedT2VLayer(l) for l in fuser.t2v_encoder.layers)
-        self.enc1 = torch.nn.ModuleList(FusedEncoderLayer(l) for l in fuser.transformer_encoder1.layers)
+        # bias shift across consecutive layers; the conv blocks (and the memory) read unshifted values
+        stacks = [[(FusedT2VLayer, l) for l in fuser.t2v_encoder.layers]
+                  + [(FusedEncoderLayer, l) for l in fuser.transformer_encoder1.layers],
+                  [(FusedEncoderLayer, l) for l in fuser.transformer_encoder2.layers]]
+        built = []
+        for stack in stacks:
+            for k, (cls, layer) in enumerate(stack):
+                nxt = f64(stack[k + 1][1].self_attn.out_proj.bias) if k + 1 < len(stack) else None
+                built.append(cls(layer, in_shifted=k > 0, out_shift=nxt))
+        n_t2v, n_e1 = len(fuser.t2v_encoder.layers), len(fuser.transformer_encoder1.layers)
+        self.t2v = torch.nn.ModuleList(built[:n_t2v])
+        self.enc1 = torch.nn.ModuleList(built[n_t2v:n_t2v + n_e1])
         self.conv = FusedConvBlocks(fuser.convolutional_block)
-        self.enc2 = torch.nn.ModuleList(FusedEncoderLayer(l) for l in fuser.transformer_encoder2.layers)
+        self.enc2 = torch.nn.ModuleList(built[n_t2v + n_e1:])
         self.use_txt_pos = use_txt_pos
         if use_txt_pos:  # the T2V keys read txt + pos_txt: the positional half of every key projection
             wk = [mha_wb(l.self_attn)[1] for l in fuser.t2v_encoder.layers]

@@ -30,14 +30,16 @@ except ImportError:  # pragma: no cover - older trees
 
 
 class FusedMomentRetrievalHead(FusedModule):
-    """forward(hs (B, Q, d) last layer, ref (B, Q, 2) or (Q, 2) fp32, the last layer's input reference) ->
+    """forward(hs (B, Q, d) last layer (+ ``input_shift``), ref (B, Q, 2) or (Q, 2) fp32, the last layer's input reference) ->
     (logits (B, Q, 2), spans (B, Q, 2) fp32)."""
 
     replaces = "reference.heads.MomentRetrievalHead"
 
-    def __init__(self, head: MomentRetrievalHead):
+    def __init__(self, head: MomentRetrievalHead, input_shift: Tensor | None = None):
         super().__init__()
         w, b = rows(wb(head.class_embed), wb(head.span_embed1))
+        if input_shift is not None:  # hs arrives bias-shifted (engine.fused.decoder)
+            b = b - w @ input_shift
         self.put("w1", w), self.put("b1", b)
         self.put("w2", wb(head.span_embed2)[0]), self.put("b2", wb(head.span_embed2)[1])
         self.put("w3", wb(head.span_embed3)[0]), self.put("b3", wb(head.span_embed3)[1])

@@ -24,7 +24,7 @@ from reference.model import LDDETR
 from reference.validate import as_bool_mask, check_input_shapes
 
 from .common import FusedModule, f64
-from .decoder import FusedLoopDecoder
+from .decoder import FusedLoopDecoder, _inverse_sigmoid
 from .fuser import FusedConvolutionalFuser, FusedUnimodalEncoder, text_extra, video_extra
 from .heads import FusedHighlightDetectionHead, FusedMomentRetrievalHead, saliency_rows
 from .positions import SineTable
@@ -51,7 +51,8 @@ class FusedLDDETR(FusedModule):
         self.fuser = FusedConvolutionalFuser(fuser, cfg.use_txt_pos)
         hd = model.prediction_heads.highlight_detection_prediction_head
         self.decoder = FusedLoopDecoder(model.loop_decoder, model.query_embed.weight, mem_extra=saliency_rows(hd))
-        self.mr_head = FusedMomentRetrievalHead(model.prediction_heads.video_moment_retrieval_prediction_head)
+        self.mr_head = FusedMomentRetrievalHead(model.prediction_heads.video_moment_retrieval_prediction_head,
+                                               input_shift=self.decoder.input_shift)
         self.hd_head = FusedHighlightDetectionHead(hd)
         self.dtype = torch.float32
         self.eval().requires_grad_(False)
@@ -102,11 +103,7 @@ class FusedLDDETR(FusedModule):
                                    self.txt_pos_eps)
         memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep)  # R (B, L, d)
         hs, ref, r2 = self.decoder(memory, pos, vkeep)
-        inv = self.decoder.inv0 if ref is self.decoder.ref0 else None
-        if inv is None:
-            from reference.span_utils import inverse_sigmoid
-
-            inv = inverse_sigmoid(ref)
+        inv = self.decoder.inv0 if ref is self.decoder.ref0 else _inverse_sigmoid(ref)
         logits, spans = self.mr_head(hs, inv)
         saliency = self.hd_head(logits, spans, vid_ext[..., :self.d], r2, lengths)
         return {"pred_logits": logits, "pred_spans": spans, "saliency_scores": saliency, "video_mask": vkeep}
