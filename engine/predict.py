@@ -44,7 +44,7 @@ class Predictor:
     def __init__(self, model: LDDETR, spec: FeatureSpec, dataset: str = "qvhighlights",
                  device: str | torch.device | None = None, kernels_backend: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build(model, device=self.device, kernels_backend=kernels_backend)  # inference engine
+        self.model = build(model, device=self.device, backend=kernels_backend)  # inference engine (the fused model)
         self.spec = spec
         self.dataset = dataset
         spec.check_config(model.cfg)

@@ -1,4 +1,4 @@
-"""What gets exported: the inference engine's model (a transformed reference LDDETR) behind a fixed
+"""What gets exported: the inference engine's fused model (engine.fused, built from a reference LDDETR) behind a fixed
 signature, with named inputs and outputs and the metadata that travels with every artifact."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ OUTPUT_NAMES = ("pred_logits", "pred_spans", "saliency_scores")
 
 class ExportModule(nn.Module):
     """(video (B, T, Dv) float, video_mask (B, T) bool, text (B, N, Dt) float, text_mask (B, N) bool) ->
-    (pred_logits (B, Q, 2), pred_spans (B, Q, 2), saliency_scores (B, T)). Eval-mode reference forward."""
+    (pred_logits (B, Q, 2), pred_spans (B, Q, 2), saliency_scores (B, T)). The fused eval forward."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -43,7 +43,7 @@ def prepare(checkpoint: str | os.PathLike, device: str = "cpu") -> Prepared:
     from engine.inference import build
 
     model, meta = load_checkpoint(checkpoint)
-    eng = build(model, device=device, kernels_backend="torch", buckets=(), text_buckets=(), cuda_graphs=False)
+    eng = build(model, device=device, backend="torch", buckets=(), text_buckets=(), cuda_graphs=False)
     metadata = {
         "ld_detr.config": json.dumps(model.cfg.to_dict()),
         "ld_detr.feature_contract": json.dumps(meta.get("feature_contract")),

@@ -27,7 +27,10 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
     t = max_video_len or limit
     if t > limit:
         raise ValueError(f"--max-video-len {t} exceeds the model's max video length {limit}")
-    module = copy.deepcopy(prepared.module).half() if half else prepared.module
+    module = prepared.module
+    if half:  # native fp16 weights; the fused model keeps its fp32 islands (reference points, slice bounds)
+        module = copy.deepcopy(module)
+        module.model.to_dtype(torch.float16)
     x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len,
                        dtype=torch.float16 if half else torch.float32)
     kwargs = {}

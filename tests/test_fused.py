@@ -10,45 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_batch, randomize_bn_stats_
+from conftest import compare, randomize_bn_stats_, random_batch, rel
 from engine.fused import FusedLDDETR
 from engine.opcount import count_ops
 from reference import LDDETR, LDDETRConfig, PRESETS
-
-KEYS = ("pred_logits", "pred_spans")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative Frobenius-norm error of ``a`` against ``b``."""
-    b = b.double()
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def top1(logits: torch.Tensor) -> torch.Tensor:
-    """The highlight head's top-1 query per sample (the argmax the saliency slice depends on)."""
-    return logits.float().softmax(-1)[..., 0].argmax(1)
-
-
-def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
-    """Each output within ``tol`` (relative Frobenius); saliency on valid clips of the samples where both
-    pick the same top-1 window. Returns the number of flipped samples (as ``export --verify`` reports)."""
-    for key in KEYS:
-        assert out[key].shape == ref[key].shape, key
-        err = rel(out[key], ref[key])
-        assert err <= tol, f"{key}: relative error {err:.2e} > {tol:.0e}"
-    same = top1(out["pred_logits"]) == top1(ref["pred_logits"])
-    p = ref["pred_logits"].double().softmax(-1)[..., 0].topk(min(2, ref["pred_logits"].shape[1]), dim=1).values
-    decisive = p[:, 0] - p[:, -1] > 1e-4  # a top-1 pick that fp32 rounding cannot flip
-    assert same[decisive].all(), f"decisive top-1 windows flipped: samples {(~same & decisive).nonzero().flatten().tolist()}"
-    keep = vmask.bool() & same[:, None]
-    if not keep.any():  # every sample a near-tie (e.g. T=1: all queries see the same single clip)
-        assert not decisive.any()
-        return int((~same).sum())
-    s_out, s_ref = out["saliency_scores"][keep], ref["saliency_scores"][keep]
-    err = rel(s_out, s_ref)
-    assert err <= tol, f"saliency_scores: relative error {err:.2e} > {tol:.0e}"
-    return int((~same).sum())
-
 
 def _lengths(draw, b: int, t: int) -> list[int]:
     return [t] + [draw(st.integers(1, t)) for _ in range(b - 1)]
@@ -130,6 +95,18 @@ def test_fused_is_built_from_the_weights(fresh_seed, small_cfg):
     assert rel(rebuilt, before) > 1e-4
     names = {type(m).__name__: getattr(m, "replaces", None) for m in fused.modules() if type(m).__name__.startswith("Fused")}
     assert all(v and v.startswith("reference.") for v in names.values()), names
+
+
+def test_built_from_a_model_in_training_mode(strict_fp32, small_cfg):
+    """A checkpoint loads in training mode: building must not fold dropout into constants (and must leave
+    the model's mode alone)."""
+    model, fused = _models(small_cfg)
+    trained = model.train()
+    again = FusedLDDETR.from_reference(trained)
+    assert trained.training
+    batch = random_batch(small_cfg, [21, 17], [6, 4])
+    with torch.no_grad():
+        compare(fused(*batch), again(*batch), batch[1], 1e-6)
 
 
 def test_fused_refuses_bad_inputs(small_cfg):

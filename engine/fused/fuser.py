@@ -233,7 +233,7 @@ class FusedConvBlocks(FusedModule):
         from kernels._utils import resolve_backend
         from .positions import _is_tracing
 
-        return x.is_cuda and not _is_tracing() and resolve_backend(self.kernel_backend, x.device) == "triton"
+        return not _is_tracing() and resolve_backend(self.kernel_backend, x.device) == "triton"
 
     def forward(self, x: Tensor, m: Tensor, vkeep: Tensor) -> Tensor:
         b, l, d = x.shape

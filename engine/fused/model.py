@@ -61,8 +61,13 @@ class FusedLDDETR(FusedModule):
     def from_reference(cls, model: LDDETR) -> "FusedLDDETR":
         if not isinstance(model, LDDETR):
             raise TypeError(f"FusedLDDETR.from_reference expects a reference LDDETR, got {type(model).__name__}")
-        with torch.no_grad():
-            return cls(model).to(next(model.parameters()).device)
+        was_training = model.training
+        model.eval()  # build-time constant folding runs reference modules: dropout must be off
+        try:
+            with torch.no_grad():
+                return cls(model).to(next(model.parameters()).device)
+        finally:
+            model.train(was_training)
 
     def to_dtype(self, dtype: torch.dtype) -> "FusedLDDETR":
         """Store every weight in ``dtype`` (float32, bfloat16 or float16) except the fp32 constants each
