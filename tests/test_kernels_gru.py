@@ -1,0 +1,199 @@
+"""The saliency GRU op (kernels/gru.py, kernels/gru_triton.py) against nn.GRU read at each sample's length.
+
+Inputs are fresh random each run (``fresh_seed`` prints the seed); the steps past a sample's length hold
+noise, so reading past steps[b] shows. On CPU the Triton kernel runs in the interpreter (conftest sets
+TRITON_INTERPRET=1 before triton is imported), in fp32: the interpreter computes bf16 wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kernels import KernelInputError
+from kernels.gru import GRU_OP, gru_last_state
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BAD_INPUT_BACKENDS = ("torch",)
+
+pytestmark = pytest.mark.usefixtures("strict_fp32")
+
+
+def make_gru(d: int, dtype=torch.float32) -> nn.GRU:
+    g = nn.GRU(d, d, num_layers=1, batch_first=True).to(DEVICE)
+    with torch.no_grad():
+        for p in g.parameters():  # wider than the default init, so the gates leave their linear range
+            p.uniform_(-1.5 / d**0.5, 1.5 / d**0.5)
+    return g.requires_grad_(False).to(dtype)
+
+
+def weights(g: nn.GRU, dtype=None):
+    ps = (g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0)
+    return tuple(p.to(dtype) for p in ps) if dtype is not None else ps
+
+
+def make_steps(b: int, length: int, padded: bool) -> torch.Tensor:
+    if not padded:
+        return torch.full((b,), length, dtype=torch.int64, device=DEVICE)
+    steps = torch.randint(1, length + 1, (b,), device=DEVICE)
+    steps[0] = length  # the longest sample has the padded length; the others are shorter or equal
+    if b > 2:
+        steps[-1] = 1
+    return steps
+
+
+def reference(g: nn.GRU, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """nn.GRU over the padded batch, read at index steps[b] - 1 (what reference/heads.py does)."""
+    with torch.no_grad():
+        out, _ = g(x)
+    return out[torch.arange(x.shape[0], device=x.device), steps - 1]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def call(g, x, steps, backend="torch", dtype=None):
+    w_ih, w_hh, b_ih, b_hh = weights(g, dtype)
+    with torch.no_grad():
+        return gru_last_state(x if dtype is None else x.to(dtype), w_ih, w_hh, b_ih, b_hh, steps, backend=backend)
+
+
+# (B, L, d, padded): lengths 1, 2, 37, 75; odd d; batches with per-sample lengths
+TORCH_SHAPES = [(1, 1, 24, False), (3, 2, 32, True), (5, 37, 24, True), (4, 75, 32, True), (2, 75, 256, True),
+                (1, 75, 256, False), (7, 37, 40, True)]
+
+
+@pytest.mark.parametrize("b,length,d,padded", TORCH_SHAPES)
+def test_torch_loop_matches_nn_gru(fresh_seed, b, length, d, padded):
+    g = make_gru(d)
+    x = torch.randn(b, length, d, device=DEVICE)
+    steps = make_steps(b, length, padded)
+    y = call(g, x, steps, "torch")
+    ref = reference(g, x, steps)
+    assert y.shape == (b, d) and y.dtype == torch.float32
+    assert rel_err(y, ref) <= 1e-5
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_each_sample_uses_only_its_own_steps(fresh_seed):
+    """A sample's state equals the same sample run alone on its first steps[b] steps (no batch leak)."""
+    g = make_gru(32)
+    x = torch.randn(5, 19, 32, device=DEVICE)
+    steps = torch.tensor([19, 4, 11, 1, 11], device=DEVICE)
+    y = call(g, x, steps)
+    for i, n in enumerate(steps.tolist()):
+        alone = call(g, x[i: i + 1, :n].contiguous(), steps[i: i + 1].clone().fill_(n))
+        torch.testing.assert_close(y[i: i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_loop_half_precision(fresh_seed, dtype):
+    """bf16/fp16 inputs and weights (fp32 gates and state) vs the fp32 nn.GRU; the output is in x's dtype."""
+    g = make_gru(64)
+    x = torch.randn(6, 75, 64, device=DEVICE)
+    steps = make_steps(6, 75, True)
+    y = call(g, x, steps, "torch", dtype)
+    assert y.dtype == dtype
+    assert rel_err(y, reference(g, x, steps)) <= 1e-2
+
+
+def test_bad_inputs_raise_one_line_errors():
+    g = make_gru(16)
+    w = weights(g)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    ok = torch.tensor([5, 2, 1], device=DEVICE)
+    cases = [
+        ((x, *w, torch.tensor([5, 0, 1], device=DEVICE)), r"steps\[1\] = 0 is outside \[1, 5\]"),
+        ((x, *w, torch.tensor([5, 6, 1], device=DEVICE)), r"steps\[1\] = 6 is outside \[1, 5\]"),
+        ((x, *w, ok.int()), "steps must be an int64 tensor of shape \\(3,\\)"),
+        ((x, *w, ok[:2]), "steps must be an int64 tensor of shape \\(3,\\)"),
+        ((x[0], *w, ok), "x must have 3 dims"),
+        ((x.double(), *w, ok), "x dtype must be one of"),
+        ((torch.randn(3, 5, 8, device=DEVICE), *w, ok), r"w_ih must have shape \(48, 8\)"),
+        ((x, w[0], w[1][:, :8], w[2], w[3], ok), r"w_hh must be \(3H, H\)"),
+        ((x, w[0], w[1], w[2][:16], w[3], ok), r"b_ih must have shape \(48,\)"),
+        ((x, w[0].half(), *w[1:], ok), "w_ih is torch.float16"),
+        ((x[:, :0], *w, ok), "at least one step"),
+    ]
+    for args, match in cases:
+        for backend in BAD_INPUT_BACKENDS:
+            with pytest.raises(KernelInputError, match=match) as info:
+                with torch.no_grad():
+                    gru_last_state(*args, backend=backend)
+            assert "\n" not in str(info.value)
+    with pytest.raises(KernelInputError, match="backend must be one of"):
+        gru_last_state(x, *w, ok, backend="cuda")
+
+
+def test_grad_required_raises():
+    g = make_gru(16).requires_grad_(True)
+    x = torch.randn(2, 4, 16, device=DEVICE)
+    with pytest.raises(KernelInputError, match="inference-only"):
+        gru_last_state(x, *weights(g), torch.tensor([4, 2], device=DEVICE))
+    with torch.no_grad():  # fine without grad mode
+        gru_last_state(x, *weights(g), torch.tensor([4, 2], device=DEVICE))
+
+
+class TinyHead(nn.Module):
+    """A module that calls the op as the fused model does: the nn.GRU's weights as its own parameters (dynamo
+    refuses to trace a module that holds an nn.GRU), then one elementwise op."""
+
+    def __init__(self, d: int, backend: str = "auto"):
+        super().__init__()
+        self.ref = [make_gru(d)]  # a list: not a submodule
+        for name, p in zip(("w_ih", "w_hh", "b_ih", "b_hh"), weights(self.ref[0])):
+            self.register_parameter(name, nn.Parameter(p.clone(), requires_grad=False))
+        self.backend = backend
+
+    @property
+    def gru(self) -> nn.GRU:
+        return self.ref[0]
+
+    def forward(self, x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        h = gru_last_state(x, self.w_ih, self.w_hh, self.b_ih, self.b_hh, steps, backend=self.backend)
+        return h * 2.0
+
+
+def count_op(gm: torch.fx.GraphModule) -> int:
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    return sum(t in (GRU_OP, torch.ops.ld_detr.gru_last_state) for t in targets)
+
+
+def test_torch_compile_sees_one_op(fresh_seed):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = TinyHead(32, "torch")
+    torch._dynamo.reset()
+    run = torch.compile(m, fullgraph=True, backend=backend, dynamic=True)
+    x = torch.randn(3, 11, 32, device=DEVICE)
+    steps = torch.tensor([11, 3, 7], device=DEVICE)
+    with torch.no_grad():
+        y = run(x, steps)
+        ref = reference(m.gru, x, steps) * 2.0
+        y2 = run(torch.randn(2, 5, 32, device=DEVICE), torch.tensor([5, 1], device=DEVICE))  # new shapes
+    assert y2.shape == (2, 32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1 and count_op(graphs[0]) == 1
+    calls = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert len(calls) == 2, calls  # the op and the * 2.0: nothing of the recurrence is traced
+
+
+def test_torch_export_sees_one_op(fresh_seed):
+    m = TinyHead(24, "torch")
+    x = torch.randn(3, 9, 24, device=DEVICE)
+    steps = torch.tensor([9, 4, 1], device=DEVICE)
+    b, t = torch.export.Dim("batch", min=1, max=256), torch.export.Dim("length", min=2, max=128)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x, steps), dynamic_shapes=({0: b, 1: t}, {0: b}))
+    assert count_op(ep.graph_module) == 1
+    assert sum(n.op == "call_function" for n in ep.graph.nodes) == 2  # the op and the * 2.0
+    x2 = torch.randn(5, 23, 24, device=DEVICE)
+    s2 = torch.tensor([23, 1, 9, 17, 2], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x2, s2), reference(m.gru, x2, s2) * 2.0, rtol=1e-5, atol=1e-5)
