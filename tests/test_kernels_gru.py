@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import KernelInputError
-from kernels.gru import GRU_OP, gru_last_state
+triton = pytest.importorskip("triton")
+
+from kernels import KernelInputError  # noqa: E402
+from kernels import gru_triton  # noqa: E402
+from kernels.gru import GRU_OP, gru_last_state, input_projection  # noqa: E402
+from kernels.gru_triton import gru_recurrence_triton, gru_settings, max_batch_per_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BAD_INPUT_BACKENDS = ("torch",)
 
 pytestmark = pytest.mark.usefixtures("strict_fp32")
 
@@ -118,7 +121,7 @@ def test_bad_inputs_raise_one_line_errors():
         ((x[:, :0], *w, ok), "at least one step"),
     ]
     for args, match in cases:
-        for backend in BAD_INPUT_BACKENDS:
+        for backend in ("torch", "triton"):
             with pytest.raises(KernelInputError, match=match) as info:
                 with torch.no_grad():
                     gru_last_state(*args, backend=backend)
@@ -197,3 +200,85 @@ def test_torch_export_sees_one_op(fresh_seed):
     s2 = torch.tensor([23, 1, 9, 17, 2], device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x2, s2), reference(m.gru, x2, s2) * 2.0, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Triton kernel (the interpreter on CPU: small shapes, fp32)
+# ---------------------------------------------------------------------------------------------------------
+TRITON_SHAPES = [(1, 1, 24, False), (3, 9, 32, True), (2, 2, 16, True), (1, 37, 24, False)]
+
+
+@pytest.mark.parametrize("b,length,d,padded", TRITON_SHAPES)
+def test_triton_default_mode_matches_nn_gru(fresh_seed, b, length, d, padded):
+    """The default launch: on CPU the interpreter-safe mode (one program per sample), on CUDA the persistent one."""
+    g = make_gru(d)
+    x = torch.randn(b, length, d, device=DEVICE)
+    steps = make_steps(b, length, padded)
+    y = call(g, x, steps, "triton")
+    ref = reference(g, x, steps)
+    assert y.shape == (b, d) and y.dtype == torch.float32
+    assert rel_err(y, ref) <= 1e-5
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def gpu_mode(block_b: int, d: int, groups: int) -> dict:
+    """The persistent (barrier) mode with one slice per group: what the interpreter can run of it."""
+    bd = triton.next_power_of_2(d)
+    return dict(BLOCK_B=block_b, BLOCK_H=bd, BLOCK_D=bd, USE_DOT=block_b > 1, INTERPRET=False, slices=1,
+                groups=groups, num_warps=4)
+
+
+@pytest.mark.parametrize("b,length,d,block_b", [(3, 9, 24, 1), (18, 6, 16, 16)])
+def test_triton_barrier_mode_one_slice(fresh_seed, b, length, d, block_b):
+    """The GPU mode's h exchange buffer, ping-pong and barrier arithmetic (with one participant per group),
+    the broadcast-reduce (BB = 1) and the tl.dot (BB = 16, two groups, the second one partly empty) paths."""
+    g = make_gru(d)
+    x = torch.randn(b, length, d, device=DEVICE)
+    steps = make_steps(b, length, True)
+    w_ih, w_hh, b_ih, b_hh = weights(g)
+    with torch.no_grad():
+        gi = input_projection(x, w_ih, b_ih)
+        y = gru_recurrence_triton(gi, w_hh, b_hh, steps, config=gpu_mode(block_b, d, triton.cdiv(b, block_b)))
+        y_again = gru_recurrence_triton(gi, w_hh, b_hh, steps, config=gpu_mode(block_b, d, triton.cdiv(b, block_b)))
+    ref = reference(g, x, steps)
+    assert rel_err(y, ref) <= 1e-5
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_again, y, rtol=0, atol=0)  # the cached counters are valid again after a launch
+
+
+def test_triton_one_launch_for_all_steps(fresh_seed, monkeypatch):
+    """T steps -> exactly one kernel launch (no per-step launches, no extra kernels)."""
+    launches = []
+    kernel = gru_triton._gru_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(gru_triton, "_gru_kernel", Counting())
+    g = make_gru(16)
+    x = torch.randn(2, 11, 16, device=DEVICE)
+    steps = torch.tensor([11, 6], device=DEVICE)
+    y = call(g, x, steps, "triton")
+    assert len(launches) == 1, launches
+    torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 15, 16, 32, 100, 256, 528])
+def test_gpu_launch_settings_fit_the_device(batch):
+    """The persistent grid at d = 256 on a 132-SM H200: all programs co-resident (S * G <= SMs), W_hh split
+    across >= 4 programs, slices tiling the hidden size, tl.dot tiles >= 16."""
+    sms = 132
+    assert batch <= max_batch_per_launch(256, sms)
+    cfg = gru_settings(batch, 256, sms, interpret=False)
+    assert cfg["slices"] * cfg["groups"] <= sms
+    assert cfg["slices"] >= 4 and cfg["slices"] * cfg["BLOCK_H"] == cfg["BLOCK_D"] == 256
+    assert cfg["groups"] * cfg["BLOCK_B"] >= batch
+    if cfg["USE_DOT"]:
+        assert cfg["BLOCK_B"] >= 16 and cfg["BLOCK_H"] >= 16
+    else:
+        assert cfg["BLOCK_B"] == 1
+    assert max_batch_per_launch(256, sms) < 1024  # larger batches are split into co-resident launches
+    with pytest.raises(KernelInputError, match="co-resident"):
+        gru_settings(16 * sms + 1, 256, sms, interpret=False)
