@@ -282,3 +282,41 @@ def test_gpu_launch_settings_fit_the_device(batch):
     assert max_batch_per_launch(256, sms) < 1024  # larger batches are split into co-resident launches
     with pytest.raises(KernelInputError, match="co-resident"):
         gru_settings(16 * sms + 1, 256, sms, interpret=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX: one GRU node, run in onnxruntime at shapes other than the traced one
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("half", [False, True])
+def test_onnx_export_is_one_gru_node(fresh_seed, tmp_path, half):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from kernels.gru import onnx_translation_table
+
+    d = 24
+    m = TinyHead(d, "torch").cpu()
+    dtype = torch.float16 if half else torch.float32
+    x = torch.randn(3, 9, d, dtype=dtype)
+    steps = torch.tensor([9, 4, 1])
+    b, t = torch.export.Dim("batch", min=1, max=256), torch.export.Dim("length", min=2, max=128)
+    with torch.no_grad():
+        program = torch.onnx.export(m.to(dtype), (x, steps), dynamo=True, dynamic_shapes=({0: b, 1: t}, {0: b}),
+                                    input_names=["x", "steps"], output_names=["h"],
+                                    custom_translation_table=onnx_translation_table())
+    path = tmp_path / "gru.onnx"
+    program.save(str(path))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GRU") == 1 and not {"Loop", "Scan", "MatMul", "Gemm"} & set(ops), ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref_gru = m.gru.cpu()
+    for bb, tt in [(5, 23), (1, 75), (2, 2)]:
+        x2 = torch.randn(bb, tt, d)
+        s2 = torch.randint(1, tt + 1, (bb,))
+        s2[0] = tt
+        (h,) = session.run(["h"], {"x": x2.to(dtype).numpy(), "steps": s2.numpy()})
+        ref = reference(ref_gru, x2, s2) * 2.0
+        assert rel_err(torch.from_numpy(h), ref) <= (2e-3 if half else 1e-5)
