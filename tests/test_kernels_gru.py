@@ -80,6 +80,19 @@ def test_torch_loop_matches_nn_gru(fresh_seed, b, length, d, padded):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_loop_fp32_matches_nn_gru(fresh_seed):
+    """The Python prefix loop (what fp16/bf16 run) in fp32, rows sorted by length as it expects."""
+    from kernels.gru import gru_recurrence_torch
+
+    g = make_gru(40)
+    x = torch.randn(6, 37, 40, device=DEVICE)
+    steps = torch.tensor([37, 37, 20, 9, 9, 1], device=DEVICE)
+    w_ih, w_hh, b_ih, b_hh = weights(g)
+    with torch.no_grad():
+        y = gru_recurrence_torch(input_projection(x, w_ih, b_ih), w_hh, b_hh, steps.tolist())
+    torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
+
+
 def test_each_sample_uses_only_its_own_steps(fresh_seed):
     """A sample's state equals the same sample run alone on its first steps[b] steps (no batch leak)."""
     g = make_gru(32)
@@ -296,7 +309,7 @@ def test_onnx_export_is_one_gru_node(fresh_seed, tmp_path, half):
     from kernels.gru import onnx_translation_table
 
     d = 24
-    m = TinyHead(d, "torch").cpu()
+    m = TinyHead(d, "torch").cpu().eval()
     dtype = torch.float16 if half else torch.float32
     x = torch.randn(3, 9, d, dtype=dtype)
     steps = torch.tensor([9, 4, 1])
