@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kernels.conv_block import fold_block, residual_block_stack, residual_block_torch
 from reference.conv_blocks import ConvolutionalBlocks
 from reference.distill_align import DistillAlign
+from reference.heads import HighlightDetectionHead
 
 
 @dataclass
@@ -136,3 +137,37 @@ def queue_case(b: int = 32, queue_length: int = 65536, d: int = 256, device="cud
             nbytes[k] = 4 * qbytes  # each queue once forward, once backward
     return Case(f"queue_b{b}_L{queue_length}", fns, nbytes, flops=2 * 2 * 2 * b * d * (queue_length + b),
                 meta=dict(b=b, queue_length=queue_length, d=d))
+
+
+def gru_case(batch: int, length: int = 75, d: int = 256, device="cuda",
+             providers: tuple[str, ...] = ("nn_gru", "torch_loop", "triton", "nn_gru_bf16", "triton_bf16")) -> Case:
+    """The saliency GRU at inference: x (B, L, d), each sample read at its own length steps[b] (80-100 % of L).
+
+    "nn_gru" is what ``reference/heads.py`` does (nn.GRU over the padded batch, then a gather at steps - 1;
+    cuDNN on CUDA); "torch_loop" / "triton" are ``kernels.gru.gru_last_state``'s backends; *_bf16 runs the
+    same in bf16 (weights and inputs)."""
+    from kernels.gru import gru_last_state
+
+    gru = HighlightDetectionHead(d).gru.to(device).eval().requires_grad_(False)
+    x = torch.randn(batch, length, d, device=device)
+    steps = torch.randint(max(1, int(length * 0.8)), length + 1, (batch,), device=device)
+    steps[0] = length
+    rows = torch.arange(batch, device=device)
+    grus = {torch.float32: gru, torch.bfloat16: copy.deepcopy(gru).to(torch.bfloat16)}
+    xs = {dt: x.to(dt) for dt in grus}
+
+    def nn_gru(dt):
+        return lambda: grus[dt](xs[dt])[0][rows, steps - 1]
+
+    def op(dt, backend):
+        g = grus[dt]
+        w = (g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0)
+        return lambda: gru_last_state(xs[dt], w[0], w[1], w[2], w[3], steps, backend=backend)
+
+    fns = {"nn_gru": nn_gru(torch.float32), "nn_gru_bf16": nn_gru(torch.bfloat16),
+           "torch_loop": op(torch.float32, "torch"), "torch_loop_bf16": op(torch.bfloat16, "torch"),
+           "triton": op(torch.float32, "triton"), "triton_bf16": op(torch.bfloat16, "triton")}
+    fns = {k: _no_grad(v) for k, v in fns.items() if k in providers}
+    nbytes = {k: (6 * d * d + batch * length * d) * (2 if k.endswith("bf16") else 4) for k in fns}
+    return Case(f"gru_B{batch}_L{length}_d{d}", fns, nbytes, flops=12 * batch * length * d * d,
+                meta=dict(batch=batch, length=length, d=d))

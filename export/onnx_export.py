@@ -40,10 +40,13 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
         n_dim = torch.export.Dim("text_len", min=1, max=1024)
         kwargs["dynamic_shapes"] = ({0: b_dim, 1: t_dim}, {0: b_dim, 1: t_dim}, {0: b_dim, 1: n_dim},
                                     {0: b_dim, 1: n_dim})
+    from kernels.gru import onnx_translation_table  # the fused model's GRU op -> one ONNX GRU node
+
     torch._dynamo.reset()  # earlier torch.compile calls in this process must not leak specialisations into export
     with torch.no_grad():
         program = torch.onnx.export(module, x, dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=list(OUTPUT_NAMES), opset_version=opset, verbose=False, **kwargs)
+                                    output_names=list(OUTPUT_NAMES), opset_version=opset, verbose=False,
+                                    custom_translation_table=onnx_translation_table(), **kwargs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

@@ -1,0 +1,196 @@
+"""The saliency GRU (``reference/heads.py`` HighlightDetectionHead) as ONE custom op, for inference.
+
+    h = gru_last_state(x, w_ih, w_hh, b_ih, b_hh, steps, backend="auto")      # (B, H) in x's dtype
+
+x (B, L, D) fp32/bf16/fp16; nn.GRU weights (gate order r, z, n): w_ih (3H, D), w_hh (3H, H), b_ih, b_hh
+(3H,); steps (B,) int64 with 1 <= steps[b] <= L. Returns the hidden state after steps[b] steps from h0 = 0,
+i.e. ``nn.GRU(D, H, batch_first=True)(x)[0][b, steps[b] - 1]``. The math (PyTorch's GRU)::
+
+    gi_t = x_t W_ih^T + b_ih                  (all L steps in ONE GEMM, before the recurrence)
+    gh_t = h_{t-1} W_hh^T + b_hh              (split into r, z, n thirds)
+    r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z),  n = tanh(gi_n + r * gh_n)
+    h_t = (1 - z) * n + z * h_{t-1} = n + z * (h_{t-1} - n)    (frozen once t >= steps[b])
+
+The whole thing is ``torch.ops.ld_detr.gru_last_state`` (``GRU_OP``), with a fake kernel, so
+``torch.compile(fullgraph=True)``, ``torch.export`` and the ONNX exporter each see one node (like ``nn.GRU``
+is one ``aten.gru`` node). The input projection lives *inside* the op as one GEMM: that is what lets the ONNX
+translation (``kernels/gru_onnx.py``) emit one standard ``GRU`` node with the real W_ih — a recurrence-only op
+would need a 3H x 3H identity as the GRU's input weight, a wasted GEMM three times the size of the real one.
+
+Backends (``backend`` = "auto" | "triton" | "torch"; "auto" is Triton on CUDA, torch elsewhere, see
+``kernels._utils.resolve_backend``):
+
+* "torch" — a loop over the steps with the samples sorted by length, so the active ones are a prefix and a
+  finished sample leaves it (no work past its length, no (B, L, H) output, no gather). fp32: aten's own
+  packed-sequence GRU (``torch.gru`` on a PackedSequence: that loop in C++, ~9 ops per step without Python
+  overhead). fp16/bf16: ``gru_recurrence_torch``, the input GEMM in the input dtype and the state and gates
+  in fp32, 6 ops per step (one ``addmm`` for W_hh, add, sigmoid_, addcmul, tanh_, lerp); aten's half GRU
+  would keep h and the gates in half precision.
+* "triton" — ``kernels/gru_triton.py``: one persistent launch for all steps (W_hh split across programs,
+  a grid barrier per step) on CUDA, or its interpreter-safe mode (one program per sample) under
+  ``TRITON_INTERPRET=1``.
+
+Numerics: the input GEMM runs in x's dtype (fp32 accumulation inside the BLAS); the state h, the W_hh
+products and the gate math are fp32 whatever the input dtype; the result is cast to x's dtype.
+
+Inference only: there is no backward. Calling it with grad mode on and an input that requires grad raises
+``KernelInputError`` (run under ``torch.no_grad()`` / ``torch.inference_mode()``; training uses ``nn.GRU``).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from ._utils import BACKENDS, KernelInputError, check_tensor, resolve_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["GRU_OP", "gru_last_state", "gru_recurrence_torch", "input_projection", "onnx_translation_table"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# input checks (shapes and dtypes only: trace-safe; the values of steps are checked inside the op)
+# --------------------------------------------------------------------------------------------------------
+def check_gru_inputs(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, steps: Tensor) -> None:
+    """Raise KernelInputError (one line) unless the shapes, dtypes and devices fit together."""
+    check_tensor("x", x, ndim=3, dtypes=DTYPES, contiguous=False)
+    b, l, d = x.shape
+    if l < 1:
+        raise KernelInputError(f"x must have at least one step, got shape {tuple(x.shape)}")
+    if not isinstance(w_hh, Tensor) or w_hh.dim() != 2 or w_hh.shape[0] != 3 * w_hh.shape[1]:
+        shape = tuple(w_hh.shape) if isinstance(w_hh, Tensor) else type(w_hh).__name__
+        raise KernelInputError(f"w_hh must be (3H, H) in nn.GRU's layout, got {shape}")
+    h = w_hh.shape[1]
+    for name, t, shape in (("w_ih", w_ih, (3 * h, d)), ("b_ih", b_ih, (3 * h,)), ("b_hh", b_hh, (3 * h,))):
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise KernelInputError(f"{name} must have shape {shape} for x {tuple(x.shape)} and w_hh "
+                                   f"{tuple(w_hh.shape)}, got {got}")
+    for name, t in (("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise KernelInputError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}: "
+                                   "cast the weights to x's dtype and device")
+    if not isinstance(steps, Tensor) or steps.dtype != torch.int64 or tuple(steps.shape) != (b,):
+        got = f"{steps.dtype} {tuple(steps.shape)}" if isinstance(steps, Tensor) else type(steps).__name__
+        raise KernelInputError(f"steps must be an int64 tensor of shape ({b},) (one length per sample), got {got}")
+    if steps.device != x.device:
+        raise KernelInputError(f"steps is on {steps.device}, x is on {x.device}")
+
+
+def check_steps_values(steps: Tensor, length: int) -> list[int]:
+    """steps (B,) -> its values as a list (a host sync on CUDA); KernelInputError names the first bad entry."""
+    values = steps.tolist()
+    for i, s in enumerate(values):
+        if not 1 <= s <= length:
+            raise KernelInputError(f"steps[{i}] = {s} is outside [1, {length}] (x has {length} steps)")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch path
+# --------------------------------------------------------------------------------------------------------
+def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
+    """gi = x W_ih^T + b_ih for all steps in one GEMM: x (B, L, D) -> (B, L, 3H) in x's dtype."""
+    b, l, d = x.shape
+    return torch.addmm(b_ih, x.reshape(b * l, d), w_ih.t()).view(b, l, -1)
+
+
+def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int]) -> Tensor:
+    """The recurrence from h0 = 0 with torch ops. gi (B, L, 3H) with rows sorted by ``lengths`` descending
+    (lengths[b] in [1, L]) -> fp32 (B, H): row b's state after lengths[b] steps.
+
+    The active samples at step t are a prefix gi[:k_t] (k_t = #{b: lengths[b] > t}); a finished sample's
+    state leaves the prefix and is kept as it is. Per step: addmm, add, sigmoid_, addcmul, tanh_, lerp.
+    """
+    hid = w_hh.shape[1]
+    g = gi.float()  # (B, L, 3H) fp32 (no copy for fp32 inputs)
+    w_t = w_hh.float().t()  # (H, 3H) transposed view: addmm reads it as W_hh^T without a copy
+    b_h = b_hh.float()
+    neg = [-n for n in lengths]  # ascending, for bisect: k_t = #{b: lengths[b] > t} = bisect_left(neg, -t)
+    # step 0 from h0 = 0: gh = b_hh
+    rz = torch.sigmoid_(g[:, 0, : 2 * hid] + b_h[: 2 * hid])
+    n = torch.tanh_(torch.addcmul(g[:, 0, 2 * hid:], rz[:, :hid], b_h[2 * hid:]))
+    h = n - rz[:, hid:] * n  # (B, H): n + z * (0 - n)
+    done: list[Tensor] = []  # finished tails, shortest first
+    for t in range(1, lengths[0]):
+        k = bisect.bisect_left(neg, -t)
+        if k < h.shape[0]:
+            done.append(h[k:])
+            h = h[:k]
+        gt = g[:k, t]  # (k, 3H)
+        gh = torch.addmm(b_h, h, w_t)  # (k, 3H)
+        rz = torch.sigmoid_(gt[:, : 2 * hid] + gh[:, : 2 * hid])
+        n = torch.tanh_(torch.addcmul(gt[:, 2 * hid:], rz[:, :hid], gh[:, 2 * hid:]))
+        h = torch.lerp(n, h, rz[:, hid:])  # n + z * (h - n)
+    done.append(h)
+    return done[0] if len(done) == 1 else torch.cat(done[::-1])
+
+
+def _gru_torch(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, steps: Tensor) -> Tensor:
+    lengths = check_steps_values(steps, x.shape[1])
+    if x.dtype == torch.float32:  # aten's own packed-sequence GRU: the same prefix loop, in C++
+        packed = pack_padded_sequence(x, steps.cpu(), batch_first=True, enforce_sorted=False)
+        h0 = x.new_zeros((1, x.shape[0], w_hh.shape[1]))
+        _, h_n = torch.gru(packed.data, packed.batch_sizes, h0, [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False, False)
+        return h_n[0].index_select(0, packed.unsorted_indices)  # (B, H): each sample's state after its steps
+    t_max = max(lengths)
+    x = x[:, :t_max]  # steps past every sample's length are never read
+    order = None
+    if min(lengths) != t_max:  # sort by length (descending) so the active samples are a prefix
+        order = torch.argsort(steps, descending=True, stable=True)
+        x = x.index_select(0, order)
+        lengths = sorted(lengths, reverse=True)
+    h = gru_recurrence_torch(input_projection(x, w_ih, b_ih), w_hh, b_hh, lengths)
+    if order is not None:
+        h = torch.empty_like(h).index_copy_(0, order, h)
+    return h.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the custom op
+# --------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("ld_detr::gru_last_state", mutates_args=())
+def _gru_op(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, steps: Tensor,
+            backend: str) -> Tensor:
+    """(B, L, D), nn.GRU weights, steps (B,) int64 -> (B, H) in x's dtype; see the module docstring."""
+    if resolve_backend(backend, x.device) == "triton":
+        from .gru_triton import gru_recurrence_triton
+
+        return gru_recurrence_triton(input_projection(x, w_ih, b_ih), w_hh, b_hh, steps)
+    return _gru_torch(x, w_ih, w_hh, b_ih, b_hh, steps)
+
+
+@_gru_op.register_fake
+def _(x, w_ih, w_hh, b_ih, b_hh, steps, backend):
+    return x.new_empty((x.shape[0], w_hh.shape[1]))
+
+
+GRU_OP = torch.ops.ld_detr.gru_last_state.default  # what graphs, op counts and the ONNX table refer to
+
+
+def gru_last_state(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, steps: Tensor, *,
+                   backend: str = "auto") -> Tensor:
+    """The GRU state after steps[b] steps from h0 = 0: x (B, L, D) -> (B, H) in x's dtype (inference only).
+
+    Weights in nn.GRU's layout and x's dtype/device; steps (B,) int64 in [1, L]. One custom-op call
+    (``GRU_OP``); ``backend`` "auto" | "triton" | "torch" (see the module docstring).
+    """
+    if backend not in BACKENDS:
+        raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_gru_inputs(x, w_ih, w_hh, b_ih, b_hh, steps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh)):
+        raise KernelInputError("gru_last_state is inference-only (no backward): call it under torch.no_grad() "
+                               "or torch.inference_mode(), or use nn.GRU to train")
+    return GRU_OP(x, w_ih, w_hh, b_ih, b_hh, steps, backend)
+
+
+def onnx_translation_table() -> dict:
+    """{GRU_OP: onnxscript function} for ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``:
+    the op becomes one ONNX ``GRU`` node (``kernels/gru_onnx.py``)."""
+    from .gru_onnx import gru_onnx
+
+    return {GRU_OP: gru_onnx}
