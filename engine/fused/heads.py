@@ -5,14 +5,13 @@
 * Highlight detection: the top-1 slice bounds with fewer ops than :func:`reference.heads.top1_slice_bounds`
   (same values: ``cxw -> xx`` as one exact 2x2 matmul, the ``* (T clip) / clip`` pair skipped when
   ``clip_length`` is a power of two, where it is exact); the GRU as one op
-  (:func:`kernels.gru.gru_last_state` when present: a persistent Triton kernel on CUDA; else ``nn.GRU`` and a
-  gather); ``saliency_proj(R (1 + w)).sum(-1) / sqrt(d)`` is linear in R per clip, so it is
+  (:func:`kernels.gru.gru_last_state`: a persistent Triton kernel on CUDA, aten's packed GRU or a lean loop
+  elsewhere; its weights are plain buffers, so the fused model holds no ``nn.GRU``); ``saliency_proj(R (1 + w)).sum(-1) / sqrt(d)`` is linear in R per clip, so it is
   ``r (1 + w) + c`` with ``r = R u``, ``u = 1^T W / sqrt(d)`` — ``R u`` comes from the decoder's memory GEMM.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -23,10 +22,7 @@ from reference.heads import HighlightDetectionHead, MomentRetrievalHead
 
 from .common import FusedModule, f64, rows, wb
 
-try:  # the persistent GRU custom op (kernels/gru.py)
-    from kernels.gru import gru_last_state
-except ImportError:  # pragma: no cover - older trees
-    gru_last_state = None
+from kernels.gru import gru_last_state  # the GRU as one custom op (a persistent Triton kernel on CUDA)
 
 
 class FusedMomentRetrievalHead(FusedModule):
@@ -72,7 +68,9 @@ class FusedHighlightDetectionHead(FusedModule):
         self.clip_length = float(head.clip_length)
         m, e = math.frexp(self.clip_length)
         self.clip_is_pow2 = m == 0.5  # x * (t * c) / c == x * t exactly
-        self.gru = copy.deepcopy(head.gru)  # its weights; forward runs the op below
+        gru = head.gru
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            self.put(name, getattr(gru, name))
         self.put("cxw_to_xx", torch.tensor([[1.0, 1.0], [-0.5, 0.5]], dtype=torch.float64))
 
     def slice_bounds(self, logits: Tensor, spans: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,9 +99,5 @@ class FusedHighlightDetectionHead(FusedModule):
         return torch.addcmul(r2[..., 0:1], r2[..., 1:2], w)[..., 0]  # R u (1 + w) + c
 
     def _gru(self, seq: Tensor, steps: Tensor) -> Tensor:
-        gru = self.gru
-        if gru_last_state is not None:
-            return gru_last_state(seq, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0, steps,
-                                  backend=self.kernel_backend)
-        out, _ = gru(seq)  # (B, L, d)
-        return torch.gather(out, 1, (steps - 1)[:, None, None].expand(-1, 1, out.shape[-1]))[:, 0]
+        return gru_last_state(seq, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, steps,
+                              backend=self.kernel_backend)
