@@ -6,10 +6,13 @@
 2. Ceilings measured in the same run: device-to-device copy bandwidth (read + write bytes) and an
    8192^3 bf16 GEMM on random data.
 3. Parity on fresh random inputs (never zeros), outputs poisoned with NaN: the conv stack in every mode
-   and the queue kernels (similarity, loss, gradients) against float64 torch.
+   and the queue kernels (similarity, loss, gradients) against float64 torch; the persistent GRU kernel
+   (fp32, bf16, inside a CUDA graph) against a float64 nn.GRU read at each sample's length.
 4. Timing with ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call, median and
-   p20/p80), candidates and baselines alternating over rounds in one process; the B=1 conv stack is also
-   timed by CUDA-graph replay (GPU time without launch overhead). Ratios are per round, then the median.
+   p20/p80), candidates and baselines alternating over rounds in one process; the B=1 conv stack and GRU
+   are also timed by CUDA-graph replay (GPU time without launch overhead). Ratios are per round, then the
+   median. The GRU (L=75, d=256, B=1/32/256): the Triton kernel against cuDNN's nn.GRU + gather, fp32 and bf16.
+``--only gru`` runs the GRU stages alone (a grid-barrier deadlock would show as the run's timeout).
 Writes ``gpu_kernels_<card>_<date>.json`` and ``.md`` into --out; prints the table last.
 """
 
@@ -154,6 +157,59 @@ def parity_queue(device: str, smoke: bool) -> list[dict]:
     return rows
 
 
+def parity_gru(device: str, smoke: bool) -> list[dict]:
+    """The Triton GRU (its GPU launch settings: several slices per sample group and a grid barrier per step)
+    and the torch backend against a float64 nn.GRU; one row replays the kernel inside a CUDA graph."""
+    from kernels.gru import gru_last_state
+    from kernels.gru_triton import gru_settings
+
+    rows = []
+    d = 256 if not smoke else 32
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    for batch, length in ((1, 75), (3, 61), (15, 75), (32, 75), (100, 37), (256, 75)) if not smoke else ((3, 9),):
+        gru = torch.nn.GRU(d, d, batch_first=True).to(device).requires_grad_(False)
+        x = torch.randn(batch, length, d, device=device)
+        steps = torch.randint(1, length + 1, (batch,), device=device)
+        steps[0] = length
+        g64 = copy.deepcopy(gru).double()
+        ref = g64(x.double())[0][torch.arange(batch, device=device), steps - 1]
+        cfg = gru_settings(batch, d, sms, interpret=device != "cuda")
+        shape = f"B{batch} L{length} d{d} S{cfg['slices']}xG{cfg['groups']}"
+        for mode, dtype, backend, tol in (("triton_fp32", torch.float32, "triton", 1e-5),
+                                          ("triton_bf16", torch.bfloat16, "triton", 1e-2),
+                                          ("torch_fp32", torch.float32, "torch", 1e-5)):
+            if smoke and dtype == torch.bfloat16:
+                continue  # the interpreter computes bf16 wrong
+            g = gru.to(dtype)
+            with torch.no_grad():
+                y = gru_last_state(x.to(dtype), g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0, steps,
+                                   backend=backend)
+            sync()
+            err = rel(y, ref)
+            rows.append(dict(kernel="gru", shape=shape, mode=mode, rel_err=err, tol=tol, nan=bool(y.isnan().any()),
+                             ok=err <= tol and not y.isnan().any()))
+            gru.float()
+        if device == "cuda" and batch in (1, 32):  # captured once, replayed: the barrier counters stay valid
+            w = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+            with torch.no_grad():
+                eager = gru_last_state(x, *w, steps, backend="triton")
+                graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    gru_last_state(x, *w, steps, backend="triton")
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph):
+                    out = gru_last_state(x, *w, steps, backend="triton")
+                errs = []
+                for _ in range(3):
+                    graph.replay()
+                    sync()
+                    errs.append(rel(out, eager))
+            rows.append(dict(kernel="gru", shape=shape, mode="triton_fp32_cudagraph_vs_eager", rel_err=max(errs),
+                             tol=1e-6, nan=bool(out.isnan().any()), ok=max(errs) <= 1e-6))
+    return rows
+
+
 def time_case(case, rounds: int = 3, baseline: str | None = None, graph: bool = False) -> list[dict]:
     """Every provider of a case, alternating over ``rounds``; per-round ratios against ``baseline``."""
     for fn in case.fns.values():  # compile / warm up everything first
@@ -182,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference conv stack")
+    p.add_argument("--only", choices=("all", "conv", "queue", "gru"), default="all", help="run one kernel's stages")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes on CPU through the Triton interpreter: checks the script, times nothing useful")
     args = p.parse_args(argv)
@@ -208,23 +265,33 @@ def main(argv=None) -> int:
         res["wall_s"] = time.time() - t0
         write(res, args.out, quiet=True)  # after every stage: a run cut short still leaves its results
 
-    run("parity conv", lambda: parity_conv(device, args.smoke), "parity")
-    run("parity queue", lambda: parity_queue(device, args.smoke), "parity")
+    want = (lambda k: args.only in ("all", k))
+    if want("conv"):
+        run("parity conv", lambda: parity_conv(device, args.smoke), "parity")
+    if want("queue"):
+        run("parity queue", lambda: parity_queue(device, args.smoke), "parity")
+    if want("gru"):
+        run("parity gru", lambda: parity_gru(device, args.smoke), "parity")
     for r in res["parity"]:
         print(f"parity {r['kernel']:<20} {r['shape']:<16} {r['mode']:<14} rel {r['rel_err']:.2e} tol {r['tol']:.0e} "
               f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
     conv_providers = ("reference", "reference_bf16", "torch_folded", "triton_tf32", "triton_tf32x3", "triton_bf16")
     length = 75 if not args.smoke else 21
-    run("queue", lambda: _queue_rows(args.rounds, device, args.smoke), "timing")
-    for batch in (1, 32, 256) if not args.smoke else (1,):
+    if want("queue"):
+        run("queue", lambda: _queue_rows(args.rounds, device, args.smoke), "timing")
+    for batch in (1, 32, 256) if not args.smoke and want("conv") else (1,) if want("conv") else ():
         run(f"conv B{batch}", lambda b=batch: time_case(
             conv_stack_case(b, length, device=device, providers=conv_providers,
                             compile_mode="default" if args.compile else None),
             args.rounds, baseline="reference"), "timing")
-    if not args.smoke:
+    if not args.smoke and want("conv"):
         run("conv B1 graph", lambda: time_case(
             conv_stack_case(1, providers=("reference", "reference_bf16", "torch_folded", "triton_tf32", "triton_bf16")),
             args.rounds, baseline="reference", graph=True), "timing")
+    for batch in ((1, 32, 256) if not args.smoke else (1,)) if want("gru") else ():
+        run(f"gru B{batch}", lambda b=batch: _gru_rows(b, args.rounds, device, args.smoke), "timing")
+    if not args.smoke and want("gru"):
+        run("gru B1 graph", lambda: _gru_rows(1, args.rounds, device, args.smoke, graph=True), "timing")
     write(res, args.out)
     return 1 if res["errors"] or not all(r["ok"] for r in res["parity"]) else 0
 
@@ -241,6 +308,23 @@ def _queue_rows(rounds: int, device: str, smoke: bool) -> list[dict]:
         sub.fns = {k: v for k, v in case.fns.items() if k.startswith(prefix)}
         base = [k for k in sub.fns if k.endswith("torch")][0]
         rows += time_case(sub, rounds, baseline=base)
+    return rows
+
+
+def _gru_rows(batch: int, rounds: int, device: str, smoke: bool, graph: bool = False) -> list[dict]:
+    """The GRU kernel against cuDNN's nn.GRU + gather, fp32 and bf16 (each against its own dtype's baseline).
+    Under CUDA-graph replay the torch backend is left out (it reads the lengths on the host)."""
+    from bench.kernel_cases import gru_case
+
+    fp32 = ("nn_gru", "triton") + (() if graph else ("torch_loop",))
+    bf16 = () if smoke else ("nn_gru_bf16", "triton_bf16")
+    case = gru_case(batch, **(dict(length=9, d=32) if smoke else {}), device=device, providers=fp32 + bf16)
+    rows = []
+    for names, base in ((fp32, "nn_gru"), (bf16, "nn_gru_bf16")):
+        if names:
+            sub = copy.copy(case)
+            sub.fns = {k: v for k, v in case.fns.items() if k in names}
+            rows += time_case(sub, rounds, baseline=base, graph=graph)
     return rows
 
 

@@ -8,7 +8,7 @@ Algorithm of ``_gru_kernel`` (GPU mode, ``INTERPRET=False``)::
     grid = (S slices, G sample groups); program (j, g) owns hidden units U_j = [j*BH, (j+1)*BH) of the
     samples R_g = [g*BB, (g+1)*BB), and keeps W_hh[{r,z,n} x U_j, :] (3 x BH x H) in registers for all steps
     h = cell(gi[R_g, 0, U_j], gh = b_hh)                       # step 0 from h0 = 0 (no matmul)
-    for t in 1 .. max(steps[R_g]) - 1:
+    for t in 1 .. max(steps[R_g]) - 1:                         # the same count in every program of group g
         Hbuf[t % 2][R_g, U_j] = h;  grid_barrier(group g)      # publish the slice; wait for the S slices
         hfull = Hbuf[t % 2][R_g, :]                            # (BB, H): every slice of the previous state
         gh = hfull @ W_hh[., U_j]^T + b_hh[U_j]                # tl.dot (BB >= 16) or a broadcast-reduce (BB = 1)
@@ -166,8 +166,9 @@ if triton is not None:
         h = tl.where((n_steps > 0)[:, None], h, 0.0)
         g_r, g_z, g_n = _load_gi(gi_ptrs + stride_gt, io_ok & (t_end > 1), H)  # prefetch step 1
         if not INTERPRET:
-            tl.store(h_own + B * H, h, mask=io_ok)  # the state after 1 step -> buffer 1
-            _grid_barrier(sem, n_slices)
+            if t_end > 1:  # the state after 1 step -> buffer 1 (nobody reads the last state: no barrier then)
+                tl.store(h_own + B * H, h, mask=io_ok)
+                _grid_barrier(sem, n_slices)
 
         for t in range(1, t_end):
             if INTERPRET:
@@ -187,8 +188,9 @@ if triton is not None:
             h = tl.where((t < n_steps)[:, None], h_new, h)
             g_r, g_z, g_n = _load_gi(gi_ptrs + (t + 1) * stride_gt, io_ok & (t + 1 < t_end), H)
             if not INTERPRET:
-                tl.store(h_own + ((t + 1) % 2) * B * H, h, mask=io_ok)
-                _grid_barrier(sem, n_slices)
+                if t + 1 < t_end:
+                    tl.store(h_own + ((t + 1) % 2) * B * H, h, mask=io_ok)
+                    _grid_barrier(sem, n_slices)
 
         tl.store(OUT + rows64[:, None] * stride_ob + cols[None, :], h.to(OUT.dtype.element_ty), mask=io_ok)
 
