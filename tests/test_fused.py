@@ -150,8 +150,8 @@ def test_bf16_within_the_references_own_bf16_error(fresh_seed, small_cfg):
 
 def test_op_count_report(small_cfg):
     """Both models counted the same way (inference_mode, view ops excluded, one op per nn.GRU / GRU op):
-    the fused forward dispatches at most 0.45x the reference's ops at B=1, T=75, N=32 (the README quotes
-    the exact numbers; the goal is 0.4x)."""
+    the fused forward dispatches at most 0.4x the reference's ops at B=1, T=75, N=32 (the goal; README
+    quotes the exact numbers)."""
     cfg = LDDETRConfig.preset("qvhighlights", v_feat_dim=34, t_feat_dim=24, queue_length=8)
     model, fused = _models(cfg)
     batch = random_batch(cfg, [75], [32])
@@ -159,4 +159,4 @@ def test_op_count_report(small_cfg):
     ours = count_ops(fused, *batch)
     assert ref.total > 600, ref.table()  # the reference's schedule is counted, views excluded
     assert not any("view" in k for k in ours.counts), ours.counts
-    assert ours.total <= 0.45 * ref.total, f"fused {ours.total} vs reference {ref.total}\n{ours.table()}"
+    assert ours.total <= 0.4 * ref.total, f"fused {ours.total} vs reference {ref.total}\n{ours.table()}"

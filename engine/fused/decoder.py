@@ -25,7 +25,7 @@ but the last (only the last layer feeds the outputs at inference: aux heads are 
 before the last, everything the next loop does not read.
 
 forward(memory (B, L, d), pos (B, L, d), vkeep (B, L) bool) -> (hs (B, Q, d) = norm(last layer) + ``input_shift``
-(the bias shift, see below), ref (B, Q, 2) or (Q, 2) the last layer's input reference, fp32; mem_extra
+(the bias shift, see below), inv (B, Q, 2) or (Q, 2) = inverse_sigmoid of the last layer's input reference, fp32; mem_extra
 (B, L, e) the extra memory columns).
 
 Bias shift: every LayerNorm output carries (in its beta) the bias of the linear whose residual it feeds, so
@@ -34,6 +34,8 @@ Bias shift: every LayerNorm output carries (in its beta) the bias of the linear 
 """
 
 from __future__ import annotations
+
+import math
 
 import copy
 
@@ -49,9 +51,15 @@ from .common import FusedModule, block_diag, chain, f64, heads, layer_norm, merg
 from .positions import anchor_sine, anchor_sine_constants
 
 
-def _inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
-    """reference.span_utils.inverse_sigmoid for x in [0, 1] (a sigmoid's output), without its no-op clamp."""
-    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+INV_EPS = 1e-3  # reference.span_utils.inverse_sigmoid's eps
+INV_LIMIT = math.log((1 - INV_EPS) / INV_EPS)  # |inverse_sigmoid(x)| where its clamps start to act
+
+
+def _inverse_of_sigmoid(pre: Tensor) -> Tensor:
+    """``inverse_sigmoid(sigmoid(pre))`` as the reference computes it (eps 1e-3), from the pre-activation: ``pre``
+    itself (exact up to the rounding the round trip adds) clamped to +-log((1 - eps) / eps); past the clamps
+    the reference's value differs from the bound by < 1.1e-3 (x < 1e-3: log(eps / (1 - x)))."""
+    return pre.clamp(-INV_LIMIT, INV_LIMIT)
 
 
 def _interleave(content: Tensor, sine: Tensor, h: int) -> Tensor:
@@ -192,9 +200,10 @@ class FusedLoopDecoder(FusedModule):
         return layer_norm(residual(x, merge_heads(a), getattr(self, f"sao{i}_w")),
                           (getattr(self, f"norm1_{i}_w"), getattr(self, f"norm1_{i}_b")), self.eps[i][0])
 
-    def _layer(self, i: int, x: Tensor, ref: Tensor | None, key: Tensor, value: Tensor, vkeep4: Tensor):
-        """Layer i > 0 or layer 0 after loop 0. x (B, Q, d) the layer input; ref (B, Q, 2) fp32 the previous
-        layer's input reference (None for layer 0). Returns (out, this layer's reference)."""
+    def _layer(self, i: int, x: Tensor, pre: Tensor | None, key: Tensor, value: Tensor, vkeep4: Tensor):
+        """Layer i > 0 or layer 0 after loop 0. x (B, Q, d) the layer input; pre (B, Q, 2) fp32 the previous
+        layer's reference before its sigmoid (None for layer 0). Returns (out, this layer's reference before
+        its sigmoid)."""
         b, nq, d = x.shape
         h, half = self.nhead, x.dtype != torch.float32
         if i == 0:
@@ -209,11 +218,12 @@ class FusedLoopDecoder(FusedModule):
         z = F.linear(g[..., :3 * d].relu(), getattr(self, f"z{i}_w"), getattr(self, f"z{i}_b"))  # [bb2 | qs2 | rah2]
         bb = z[..., :d].relu()
         if i == 1 and not half:  # + inverse_sigmoid(ref0) + bias: a constant, inside the GEMM
-            new_ref = torch.baddbmm(self.bb3_c1, bb, self.bb3_w.t().expand(b, -1, -1)).sigmoid_()
+            new_pre = torch.baddbmm(self.bb3_c1, bb, self.bb3_w.t().expand(b, -1, -1))
         else:
             delta = F.linear(bb, self.bb3_w, self.bb3_b)
-            inv = self.inv0 if i == 1 else _inverse_sigmoid(ref)
-            new_ref = ((delta.float() if half else delta) + inv).sigmoid_()  # (B, Q, 2) this layer's reference
+            inv = self.inv0 if i == 1 else _inverse_of_sigmoid(pre)
+            new_pre = (delta.float() if half else delta) + inv
+        new_ref = new_pre.sigmoid()  # (B, Q, 2) this layer's reference
         sine = anchor_sine(new_ref, self.freq, self.phase)  # (B, Q, d) fp32
         scale = (z[..., 2 * d:].float() if half else z[..., 2 * d:]).sigmoid() / new_ref[..., 1:2]
         if half:
@@ -223,19 +233,19 @@ class FusedLoopDecoder(FusedModule):
         t1 = self._self(i, x, g, qk)
         mod = sine * z[..., d:2 * d] * scale
         q = F.linear(torch.cat([t1, mod], -1), getattr(self, f"q{i}_w"), getattr(self, f"q{i}_b"))
-        return self._cross(i, t1, heads(q, h), key, value, vkeep4), new_ref
+        return self._cross(i, t1, heads(q, h), key, value, vkeep4), new_pre
 
     def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b = memory.shape[0]
         keys, values, extra = self._memory_side(memory, pos)
         vkeep4 = vkeep[:, None, None, :]
         x = None
-        ref = None
+        pre = None
         for j in range(self.loops):
             for i in range(self.nl):
                 if j == 0 and i == 0:  # constant up to the cross-attention query
                     x = self._cross(0, self.t1_loop0, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vkeep4)
                 else:
-                    x, ref = self._layer(i, x, ref, keys[i], values[i], vkeep4)
+                    x, pre = self._layer(i, x, pre, keys[i], values[i], vkeep4)
             x = layer_norm(x, (self.norm_w, self.norm_b), self.norm_eps)  # next loop's tgt; the last loop's hs
-        return x, (self.ref0 if ref is None else ref), extra
+        return x, (self.inv0 if pre is None else _inverse_of_sigmoid(pre)), extra

@@ -72,6 +72,7 @@ class FusedHighlightDetectionHead(FusedModule):
         for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
             self.put(name, getattr(gru, name))
         self.put("cxw_to_xx", torch.tensor([[1.0, 1.0], [-0.5, 0.5]], dtype=torch.float64))
+        self.put("start_stop", torch.tensor([0, 1]))
 
     def slice_bounds(self, logits: Tensor, spans: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """The top-1 moment's clip range [start, stop) per sample (values of reference.heads.top1_slice_bounds)."""
@@ -81,7 +82,7 @@ class FusedHighlightDetectionHead(FusedModule):
         t = lengths.to(torch.float32)[:, None]  # (B, 1)
         xx = span @ self.cxw_to_xx.float()  # (B, 2): [c - w/2, c + w/2], exact
         xx = xx * t if self.clip_is_pow2 else xx * (t * self.clip_length) / self.clip_length
-        idx = torch.floor(xx).long() + torch.tensor([0, 1], device=xx.device)  # [start, end + 1]
+        idx = torch.floor(xx).long() + self.start_stop  # [start, end + 1]
         n = lengths.long()[:, None]
         idx = torch.where(idx < 0, (idx + n).clamp_min(0), torch.minimum(idx, n))  # Python slice bounds
         start, stop = idx.unbind(1)

@@ -24,7 +24,7 @@ from reference.model import LDDETR
 from reference.validate import as_bool_mask, check_input_shapes
 
 from .common import FusedModule, f64
-from .decoder import FusedLoopDecoder, _inverse_sigmoid
+from .decoder import FusedLoopDecoder
 from .fuser import FusedConvolutionalFuser, FusedUnimodalEncoder, text_extra, video_extra
 from .heads import FusedHighlightDetectionHead, FusedMomentRetrievalHead, saliency_rows
 from .positions import SineTable
@@ -107,8 +107,7 @@ class FusedLDDETR(FusedModule):
             pos_txt = F.layer_norm(txt_ext[..., :d] + self.txt_pos[:n], (d,), self.txt_pos_ln_w, self.txt_pos_ln_b,
                                    self.txt_pos_eps)
         memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep)  # R (B, L, d)
-        hs, ref, r2 = self.decoder(memory, pos, vkeep)
-        inv = self.decoder.inv0 if ref is self.decoder.ref0 else _inverse_sigmoid(ref)
+        hs, inv, r2 = self.decoder(memory, pos, vkeep)  # inv: inverse_sigmoid of the last layer's input reference
         logits, spans = self.mr_head(hs, inv)
         saliency = self.hd_head(logits, spans, vid_ext[..., :self.d], r2, lengths)
         return {"pred_logits": logits, "pred_spans": spans, "saliency_scores": saliency, "video_mask": vkeep}
