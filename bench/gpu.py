@@ -153,9 +153,9 @@ class Run:
             cases = [(3, 0), (1, 1)]
             # the Triton conv kernel in tf32x3 (fp32-accurate; its "ieee" FMA variant at d=256 compiles slowly)
             prec = "tf32x3" if self.device == "cuda" else "auto"
-            engines = {"engine": self.engine(torch.float32, cuda_graphs=False, kernels_precision=prec),
+            engines = {"engine": self.engine(torch.float32, cuda_graphs=False, precision=prec),
                        "engine_graph": self.engine(torch.float32, cuda_graphs=self.device == "cuda",
-                                                   kernels_precision=prec)}
+                                                   precision=prec)}
             bf16 = {"engine_bf16": self.engine(torch.bfloat16, cuda_graphs=False),
                     "engine_bf16_graph": self.engine(torch.bfloat16, cuda_graphs=self.device == "cuda")}
             for batch, seed in cases:
@@ -199,10 +199,8 @@ class Run:
         dt_ = torch.bfloat16 if dtype == "bf16" else torch.float32
         eng = self.engine(dt_, cuda_graphs=False)
         model = eng.model
-        parts = [(n, m) for n, m in model.named_children() if n not in ("momentum_video_encoder", "momentum_text_encoder")]
-        parts += [(f"convolutional_fuser.{n}", m) for n, m in model.convolutional_fuser.named_children()]
-        parts += [(f"prediction_heads.{n}", m) for n, m in
-                  model.prediction_heads.highlight_detection_prediction_head.named_children()]
+        parts = list(model.named_children())  # the fused model's components (engine.fused)
+        parts += [(f"fuser.{n}", m) for n, m in model.fuser.named_children()]
         handles, stack = [], []
         for name, mod in parts:
             handles.append(mod.register_forward_pre_hook(

@@ -1,8 +1,9 @@
 """pytest-benchmark: the reference model in eager mode against every way this project runs it (``pytest bench/``).
 
-Benchmark names say what they time: ``test_inference[<variant>-B<batch>]`` with variant ``engine`` (eager
-kernels), ``engine_graph`` (+ CUDA graph), ``engine_compiled`` (``compile="model"``), ``engine_compiled_graph``,
-``onnxruntime`` (the ONNX export on onnxruntime's CPU provider) and ``aoti`` (the AOTInductor package); and
+Benchmark names say what they time: ``test_inference[<variant>-B<batch>]`` with variant ``engine`` (the fused
+model, eager, fp32), ``engine_bf16`` (the same in native bf16, against the fp32 reference), ``engine_graph`` (+ CUDA graph), ``engine_compiled`` (``compile="model"``), ``engine_compiled_graph``,
+``onnxruntime`` (the fused model's ONNX export on onnxruntime's CPU provider), ``onnxruntime_reference``
+(an ONNX export of the reference's own schedule, the usual way to deploy the official model) and ``aoti`` (the AOTInductor package); and
 ``test_training_step[<variant>]`` with ``engine`` (``engine.train.train_step``) and ``engine_compiled``
 (its ``--compile`` form). Each test alternates the reference and the candidate in one process
 (``bench.timing.alternate``, >= 15 pairs) and records in ``extra_info`` the device, both medians and the
@@ -39,11 +40,13 @@ PAIRS = 2 if SMOKE else 15
 T, N = (12, 6) if SMOKE else (75, 32)
 BATCHES = [1, 32, 256] if CUDA else [1, 32]
 # the exports first: torch.onnx.export in a process that already ran torch.compile gave static shapes
-INFERENCE = ["engine", "onnxruntime", "aoti", "engine_graph", "engine_compiled", "engine_compiled_graph"]
+INFERENCE = ["engine", "engine_bf16", "onnxruntime", "onnxruntime_reference", "aoti", "engine_graph",
+             "engine_compiled", "engine_compiled_graph"]
 WHY_NOT = {  # variant -> reason it does not run here (None: it runs)
     "engine_graph": None if CUDA else "CUDA graphs need a GPU",
     "engine_compiled_graph": None if CUDA else "CUDA graphs need a GPU",
     "onnxruntime": "the onnxruntime here is CPU-only; compare it on a CPU" if CUDA else None,
+    "onnxruntime_reference": "the onnxruntime here is CPU-only; compare it on a CPU" if CUDA else None,
     "aoti": "AOTInductor's C++ compile takes minutes: not in the smoke run" if SMOKE else None,
 }
 if not CUDA and not SMOKE and not FULL:  # keep `pytest bench/` under 10 minutes on 2 CPU cores
@@ -69,19 +72,22 @@ def _setup():
 
 @functools.lru_cache(maxsize=None)
 def _exported(kind: str):
-    """An ONNX file or AOTInductor package of the benchmark model (dynamic batch), built once per session."""
+    """An ONNX file ("onnx": the fused model as ``python -m export onnx`` writes it; "onnx_reference": the
+    reference's own schedule) or AOTInductor package ("aoti") of the benchmark model (dynamic batch), built
+    once per session."""
     from engine import save_checkpoint
-    from export.model import prepare
+    from export.model import ExportModule, Prepared, prepare
 
     cfg, model = _setup()
     tmp = Path(tempfile.mkdtemp(prefix="lddetr_bench_"))
     ckpt = save_checkpoint(model, tmp / "model.pt")
-    if kind == "onnx":
+    if kind.startswith("onnx"):
         import onnxruntime as ort
 
         from export.onnx_export import export_onnx
 
-        path = export_onnx(prepare(ckpt), tmp / "model.onnx", dynamic=True, max_video_len=T, text_len=N)
+        prepared = prepare(ckpt) if kind == "onnx" else Prepared(ExportModule(model).eval(), cfg, {}, "reference")
+        path = export_onnx(prepared, tmp / f"{kind}.onnx", dynamic=True, max_video_len=T, text_len=N)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         # no busy-waiting pool threads after run(): they would steal the cores from the reference's next call
@@ -98,13 +104,13 @@ def _candidate(variant: str, model, x):
 
     compile_backend = "eager" if SMOKE else "inductor"  # smoke: dynamo's capture without inductor's minutes
     if variant.startswith("engine"):
-        kw = dict(cuda_graphs=variant.endswith("_graph"))
+        kw = dict(cuda_graphs=variant.endswith("_graph"), dtype="bf16" if "bf16" in variant else "fp32")
         if "compiled" in variant:
             kw.update(compile="model", compile_backend=compile_backend)
         eng = build(model, device=DEVICE, **kw)
         return lambda: eng(*x)
-    if variant == "onnxruntime":
-        session = _exported("onnx")
+    if variant.startswith("onnxruntime"):
+        session = _exported("onnx" if variant == "onnxruntime" else "onnx_reference")
         feed = dict(zip(("video", "video_mask", "text", "text_mask"), (t.numpy() for t in x)))
         return lambda: session.run(None, feed)
     package = _exported("aoti")
