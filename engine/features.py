@@ -298,19 +298,28 @@ def _check_finite(arr: np.ndarray, path: Any, what: str) -> None:
         raise DataError(f"{path}: {what} has NaN/inf values in {bad} of {arr.shape[0]} rows")
 
 
-_DISCOVERY_TRIES = 20  # unreadable files skipped while discovering dims (the check CLI reports them)
+_DISCOVERY_TRIES = 20  # files sampled while discovering dims (the check CLI reports the odd ones out)
+
+
+def _most_common(dims: list[int]) -> int | None:
+    """The dim most sampled files agree on (the first seen on ties): one bad first file must not define the
+    contract for all the others."""
+    if not dims:
+        return None
+    return max(dict.fromkeys(dims), key=dims.count)
 
 
 def _discover_dim(folder: Path, glob: str, key: str) -> int | None:
     if not folder.is_dir():
         return None
     paths = sorted(p for p in folder.glob(glob) if p.suffix in _FEATURE_EXTS)
+    dims = []
     for path in paths[:_DISCOVERY_TRIES]:
         try:
-            return int(read_array_shape(path, key)[-1])
+            dims.append(int(read_array_shape(path, key)[-1]))
         except DataError:
             continue
-    return None
+    return _most_common(dims)
 
 
 def _discover_video_dim(root: Path, vdir: str, parts: list[str], key: str) -> int | None:
@@ -320,14 +329,15 @@ def _discover_video_dim(root: Path, vdir: str, parts: list[str], key: str) -> in
     prefix, _, suffix = parts[0].partition("{vid}")
     if not folder.is_dir():
         return None
-    for path in sorted(p for p in folder.glob(f"{prefix}*{suffix}.*") if p.suffix in _FEATURE_EXTS):
+    dims = []
+    for path in sorted(p for p in folder.glob(f"{prefix}*{suffix}.*") if p.suffix in _FEATURE_EXTS)[:_DISCOVERY_TRIES]:
         vid = path.stem[len(prefix): len(path.stem) - len(suffix)]
         try:
             files = [find_feature_file(folder, p.format(vid=vid), "") for p in parts]
-            return sum(int(read_array_shape(f, key)[-1]) for f in files)
+            dims.append(sum(int(read_array_shape(f, key)[-1]) for f in files))
         except DataError:
             continue
-    return None
+    return _most_common(dims)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -423,12 +423,12 @@ def _run_cli(*args):
 def test_check_cli_clean_then_missing_file(tmp_path):
     root = tmp_path / "syn"
     make_synthetic_dataset(root, **TINY)
-    ok = _run_cli("check", "--dataset", "synthetic", "--root", str(root), "--quiet")
+    ok = _run_cli("check", "--dataset", "synthetic", "--data-root", str(root), "--quiet")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "9 queries" in ok.stdout and "clean" in ok.stdout
     vid = json.loads((root / "val.jsonl").read_text().splitlines()[1])["vid"]
     (root / "clip_features" / f"{vid}.npz").unlink()
-    bad = _run_cli("check", "--dataset", "synthetic", "--root", str(root), "--quiet")
+    bad = _run_cli("check", "--dataset", "synthetic", "--data-root", str(root), "--quiet")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "missing video feature files: 1" in bad.stdout and f"{vid}.npy" in bad.stdout
 
