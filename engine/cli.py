@@ -104,11 +104,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: ... (see --help)``, exit 2) that name the flag's one
+    spelling, never a hidden alias."""
+
+    def error(self, message: str):
+        for alias in ALIASES:
+            message = message.replace(f"/{alias}", "")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
-    """An ArgumentParser with the shared formatter and an example epilog."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
-                                   epilog=f"example:\n  {example}\n\nexit codes: 0 ok, 1 check/verify failed, "
-                                          f"2 bad input")
+    """A :class:`Parser` with the shared formatter and an example epilog."""
+    return Parser(prog=prog, description=description, formatter_class=HelpFormatter,
+                  epilog=f"example:\n  {example}\n\nexit codes: 0 ok, 1 check/verify failed, 2 bad input")
 
 
 def add_quiet(p: argparse.ArgumentParser | Any) -> None:

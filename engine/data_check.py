@@ -91,7 +91,7 @@ class ScanCache:
         if self.path is None or not self.dirty:
             return
         try:
-            save_json({"version": CACHE_VERSION, "files": self.entries}, self.path, indent=0)
+            save_json({"version": CACHE_VERSION, "files": self.entries}, self.path, indent=None)
         except OSError:
             pass  # an unwritable cache folder only costs the next run a rescan
 
