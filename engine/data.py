@@ -400,7 +400,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
 
-    p = cli.parser("python -m engine.data", __doc__.split("\n")[0],
+    p = cli.parser("python -m engine.data", "Dataset tools: check a feature root and its annotations, or write the "
+                   "synthetic dataset.",
                    "python -m engine.data check --dataset qvhighlights --data-root features/qvhighlight")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{check,synth}")
     c = sub.add_parser("check", help="scan annotations + features and report problems (exit 0 clean, 1 problems, "
@@ -424,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_quiet(c)
     s = sub.add_parser("synth", help="write the synthetic QVHighlights-format dataset", formatter_class=cli.HelpFormatter,
                        description="Write the built-in synthetic dataset (features + annotations) into a folder.",
-                       epilog="example:\n  python -m engine.data synth --out data/synthetic")
+                       epilog="example:\n  python -m engine.data synth --out data/synthetic\n\n"
+                              "exit codes: 0 ok, 2 bad input")
     s.add_argument("--out", required=True, type=Path, help="a folder: features and annotation files go there")
     s.add_argument("--n-train", type=int, default=None, help="training queries (default: the generator's)")
     s.add_argument("--n-val", type=int, default=None, help="validation queries (default: the generator's)")

@@ -74,7 +74,9 @@ class TrainError(RuntimeError):
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m engine.train", __doc__.split("\n\n")[0],
+    p = cli.parser("python -m engine.train", "Train LD-DETR: the built-in synthetic job without data flags, or any "
+                   "dataset in the Moment-DETR / QD-DETR feature layout; the best checkpoint is chosen on the "
+                   "validation split.",
                    "python -m engine.train --dataset qvhighlights --data-root features/qvhighlight "
                    "--train-file data/highlight_train_release.jsonl --val-file data/highlight_val_release.jsonl "
                    "--out runs/qvhl")
