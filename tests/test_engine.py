@@ -80,26 +80,40 @@ def test_bf16_autocast(fresh_seed, small_cfg):
 
     same = (slice_of(out) == slice_of(ref16)).all(1)
     keep = same[:, None] & batch[1]
-    if keep.any():
-        scale = ref32["saliency_scores"][batch[1]].abs().max()
-        err = ((out["saliency_scores"].float() - ref16["saliency_scores"].float()).abs()[keep].max() / scale).item()
-        print(f"saliency: engine vs reference bf16, {int(same.sum())} samples, {err:.3f} of the fp32 scale")
-        assert err <= 0.25
+    assert keep.any(), "no sample kept the reference's top-1 slice: the saliency comparison would be empty"
+    scale = ref32["saliency_scores"][batch[1]].abs().max()
+    err = ((out["saliency_scores"].float() - ref16["saliency_scores"].float()).abs()[keep].max() / scale).item()
+    print(f"saliency: engine vs reference bf16, {int(same.sum())} samples, {err:.3f} of the fp32 scale")
+    assert err <= 0.25
 
 
-def test_no_host_sync_and_fewer_ops(small_cfg):
-    """Zero aten._local_scalar_dense (a GPU->host sync) in the inference forward; BN folded (no
-    batch_norm ops) and fewer ops than the reference forward."""
+def _op_counts(small_cfg):
+    """Dispatched aten ops of one reference and one engine forward, both in the engine's own grad mode
+    (inference_mode): counts taken in different modes differ for reasons unrelated to the engine."""
     model = _model(small_cfg)
     eng = build(model, device="cpu")
     batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
-    with torch.no_grad(), OpCounter() as ref_ops:
+    with torch.inference_mode(), OpCounter() as ref_ops:
         model(*batch)
-    with OpCounter() as eng_ops:
+    with torch.inference_mode(), OpCounter() as eng_ops:
         eng(*batch)
-    assert eng_ops.counts["aten._local_scalar_dense"] == 0
-    assert eng_ops.counts["aten.native_batch_norm"] + eng_ops.counts["aten._native_batch_norm_legit_no_training"] == 0
-    assert sum(eng_ops.counts.values()) < sum(ref_ops.counts.values())
+    return ref_ops.counts, eng_ops.counts
+
+
+def test_no_host_sync_and_no_batch_norm(small_cfg):
+    """Zero aten._local_scalar_dense (a GPU->host sync) in the inference forward; BN folded (no
+    batch_norm ops)."""
+    _, eng_ops = _op_counts(small_cfg)
+    assert eng_ops["aten._local_scalar_dense"] == 0
+    assert eng_ops["aten.native_batch_norm"] + eng_ops["aten._native_batch_norm_legit_no_training"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="in the same grad mode the engine dispatches more aten ops than the "
+                                       "reference (1498 vs 1208 here: 120 aten.to among them); the earlier pass "
+                                       "compared counts taken in different grad modes (issue 13)")
+def test_fewer_ops_than_the_reference(small_cfg):
+    ref_ops, eng_ops = _op_counts(small_cfg)
+    assert sum(eng_ops.values()) < sum(ref_ops.values())
 
 
 def test_loop_decoder_has_no_graph_break(small_cfg):
