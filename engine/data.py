@@ -43,8 +43,8 @@ from .data_check import CHECK_CATEGORIES, check_dataset, first_problem, format_r
 from .data_validate import record_problems, record_windows, validate_record, window_problems  # noqa: F401
 from .features import (  # noqa: F401  (re-exported: importers use engine.data)
     DATASETS, NORM_EPS, DataError, FeatureSpec, canonical_dataset, feature_spec_for, find_feature_file,
-    l2_normalize, prepare_text, prepare_video, read_array, read_array_shape, read_audio_features,
-    read_text_features, read_video_features, temporal_endpoint_features,
+    l2_normalize, prepare_text, prepare_video, read_array, read_array_shape, read_text_features,
+    read_video_features, temporal_endpoint_features,
 )
 
 #: saliency-label rule per dataset (spec §6 "Labels per sample").
@@ -198,7 +198,7 @@ class MomentDataset(Dataset):
     """One item per annotation record: features read from ``root`` by ``spec``, labels by dataset rule.
 
     ``__getitem__`` returns a dict: ``qid, vid, query, duration`` (python values), ``video`` (T, Dv) float32,
-    ``text`` (N, Dt) float32, [``audio`` (T, Da+2)], and with ``load_labels``: ``span_labels`` (n, 2) cxw,
+    ``text`` (N, Dt) float32, and with ``load_labels``: ``span_labels`` (n, 2) cxw,
     ``saliency_pos_labels`` / ``saliency_neg_labels`` (2,) long, ``saliency_all_labels`` (T,) float32.
     Random picks come from ``numpy.random.default_rng([seed, epoch, index])``; :meth:`set_epoch` changes them
     (the epoch lives in shared memory, so persistent DataLoader workers see it). ``cache=True`` keeps the
@@ -256,14 +256,6 @@ class MomentDataset(Dataset):
                 self._video_cache[vid] = video
         item: dict[str, Any] = {"qid": qid, "vid": vid, "query": rec.get("query", ""),
                                 "duration": float(rec["duration"])}
-        if self.spec.audio_dir is not None:
-            audio = read_audio_features(self.root, vid, self.spec)
-            length = min(len(video), len(audio))
-            video = video[:length].copy()
-            if self.spec.use_tef:
-                video[:, -2:] = temporal_endpoint_features(length)  # TEF of the common length
-                audio = np.concatenate([audio[:length], temporal_endpoint_features(length)], axis=1)
-            item["audio"] = torch.from_numpy(np.ascontiguousarray(audio[:length]))
         item["video"] = torch.from_numpy(np.array(video) if self.cache else video)  # never hand out the cache
         text = self._text_cache.get(qid) if self.cache else None
         if text is None:
@@ -310,7 +302,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch :class:`MomentDataset` items.
 
     Returns ``video`` (B, T, Dv) zero-padded, ``video_mask`` (B, T) bool (True = valid), ``text`` (B, N, Dt),
-    ``text_mask`` (B, N) bool, [``audio`` (B, T, Da)], ``meta`` (list of {qid, vid, query, duration}) and, when
+    ``text_mask`` (B, N) bool, ``meta`` (list of {qid, vid, query, duration}) and, when
     the items carry labels, ``targets`` = {``span_labels``: list of B (n_b, 2) cxw tensors,
     ``saliency_pos_labels`` / ``saliency_neg_labels``: (B, 2) long, ``saliency_all_labels``: (B, T) float}.
     """
@@ -319,8 +311,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     batch["video"], batch["video_mask"] = _pad([it["video"] for it in items])
     batch["text"], batch["text_mask"] = _pad([it["text"] for it in items])
-    if "audio" in items[0]:
-        batch["audio"], _ = _pad([it["audio"] for it in items])
     labelled = ["span_labels" in it for it in items]
     if any(labelled):
         if not all(labelled):
@@ -486,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "DATASETS", "LABEL_RULES", "DataError", "FeatureSpec", "feature_spec_for", "canonical_dataset",
     "read_array", "read_array_shape", "find_feature_file", "l2_normalize", "temporal_endpoint_features",
-    "read_video_features", "read_text_features", "read_audio_features", "Annotations", "load_annotations",
+    "read_video_features", "read_text_features", "Annotations", "load_annotations",
     "validate_record", "window_problems", "span_labels_from_windows", "saliency_labels_all",
     "saliency_labels_sub_as_query", "saliency_labels_tvsum", "MomentDataset", "collate", "EpochShuffleSampler",
     "make_loader", "check_dataset", "format_report", "main",

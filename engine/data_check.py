@@ -29,7 +29,6 @@ CHECK_CATEGORIES = {
     "too_long": "videos longer than max_v_l (the model would see only their beginning)",
     "missing_video": "missing video feature files",
     "missing_text": "missing text feature files",
-    "missing_audio": "missing audio feature files",
     "unreadable": "unreadable / corrupt feature files",
     "dim_mismatch": "feature dim mismatches",
     "nonfinite": "feature files with NaN/inf values",
@@ -206,12 +205,7 @@ def _video_length(root: Path, vid: str, spec: FeatureSpec, report: _Report, cach
                 report.add("dim_mismatch", {"vid": vid, "dir": vdir, "expected": spec.video_dims[i],
                                             "got": sum(p[1] for p in probes)})
             lengths.append(min(p[0] for p in probes))
-    if spec.audio_dir is not None:
-        probe = _probe(root / spec.audio_dir, vid, spec.video_key, spec.audio_dim, f"vid {vid!r} (audio)", report,
-                       "missing_audio", cache)
-        if probe:
-            lengths.append(probe[0])
-    if len(lengths) != len(spec.video_dirs) + (spec.audio_dir is not None):
+    if len(lengths) != len(spec.video_dirs):
         return None
     return min(lengths)
 

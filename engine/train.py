@@ -433,7 +433,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
                 raise TrainError(f"--resume {args.resume}: its config differs from this run's (checkpoint, now): {diff}")
             contract = resume_ckpt.get("feature_contract")
-            if contract is not None and contract != data.spec.to_dict():
+            if contract is not None and FeatureSpec.from_dict(contract).to_dict() != data.spec.to_dict():
                 raise TrainError(f"--resume {args.resume}: trained on a different feature contract "
                                  f"({contract}) than this data ({data.spec.to_dict()})")
 

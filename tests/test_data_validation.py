@@ -140,3 +140,11 @@ def test_check_cli_old_spellings_and_report_file(tmp_path, capsys):
                       "--quiet", "--no-cache"]) == 1
     assert "start > end" in capsys.readouterr().out
     assert json.loads(out.read_text())["problems"]["bad_window"]["count"] == 1
+
+
+def test_contracts_from_older_versions_load_and_audio_is_gone():
+    old = {**_spec().to_dict(), "audio_dir": None, "audio_dim": None}  # what earlier checkpoints stored
+    assert FeatureSpec.from_dict(old) == _spec()
+    with pytest.raises(ValueError, match=r"audio_dir='pann_features': audio features are not supported"):
+        FeatureSpec.from_dict({**old, "audio_dir": "pann_features"})
+    assert "audio_dir" not in _spec().to_dict()

@@ -147,3 +147,16 @@ def test_old_amp_spelling_still_works():
     args = train_mod.build_parser().parse_args(["--amp", "off"])
     assert args.dtype == "fp32" and train_mod._amp(args) == "off"
     assert train_mod._amp(train_mod.build_parser().parse_args(["--dtype", "bf16"])) == "bf16"
+
+
+def test_early_stop_on_the_selection_metric(tiny_synthetic, tmp_path, capsys, monkeypatch):
+    """--early-stop N (the preset's max_es_cnt, which nothing read before): N evaluations without a better
+    MR-full-mAP end the run."""
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"brief": {"MR-full-mAP": 10.0}})
+    out = tmp_path / "o"
+    assert main(["--data-root", str(tiny_synthetic), "--out", str(out), "--epochs", "5", "--early-stop", "1",
+                 *TINY]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]  # epoch 2 did not improve on epoch 1: stop
+    assert "early stop: no better MR-full-mAP in the last 1 evaluation(s)" in (out / "train.log").read_text()
+    assert json.loads((out / "config.json").read_text())["max_es_cnt"] == 1
