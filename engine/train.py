@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ from reference.losses import build_criterion
 from . import cli
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
+from .data import FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
 from .atomic import remove_stale_tmp, save_json, save_jsonl
-from .data_check import check_dataset, first_problem
+from .train_guard import TrainError, any_rank, check_run_flags, error_line, eval_failure, seen_meta, validate_data
 from .evaluate import evaluate
 from .postprocess import to_records
 
@@ -64,10 +63,6 @@ SYNTHETIC_OVERRIDES = dict(
     num_v2t_encoder_layers=1, num_encoder1_layers=1, num_convolutional_blocks=2, num_encoder2_layers=1,
     dim_feedforward=512, queue_length=1024, lr=5e-4, n_epoch=9, bsz=32,
 )
-
-
-class TrainError(RuntimeError):
-    """A problem the user can fix (bad flags, mismatching data); printed without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,7 +313,7 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LD
     records: list[dict] = []
     cut: list = []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        meta = _seen_meta(batch["meta"], batch["video_mask"].sum(1).tolist(), cfg, cut)
+        meta = seen_meta(batch["meta"], batch["video_mask"].sum(1).tolist(), cfg, cut)
         batch = _to_device(batch, device)
         with _autocast(device, amp):
             out = model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"])
@@ -333,66 +328,8 @@ def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LD
     return records
 
 
-def _seen_meta(meta: list[dict], n_clips: list[int], cfg: LDDETRConfig, cut: list) -> list[dict]:
-    """``meta`` with the duration of each capped video replaced by the seconds the model saw."""
-    cap = cfg.max_video_len
-    if cap is None:
-        return meta
-    seen = cap * cfg.clip_length
-    out = []
-    for m, n in zip(meta, n_clips):
-        if n >= cap and float(m["duration"]) > seen + cfg.clip_length:
-            cut.append(m["qid"])
-            m = {**m, "duration": seen}
-        out.append(m)
-    return out
-
-
 def _eval_dataset(dataset: str) -> str:
     return "qvhighlights" if dataset == "synthetic" else dataset
-
-
-# ---------------------------------------------------------------------------------------------------
-# checks before the first step, failures after it
-# ---------------------------------------------------------------------------------------------------
-def _check_run_flags(args: argparse.Namespace) -> tuple[torch.device, Path]:
-    """The device and an output folder that can be written, or TrainError before any work is done."""
-    try:
-        device = cli.resolve_device(args.device)
-        cli.check_writable(args.out, is_dir=True)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    if args.resume is not None and not Path(args.resume).is_file():
-        raise TrainError(f"--resume {args.resume}: checkpoint not found")
-    return device, Path(args.out)
-
-
-def validate_data(data: DataSetup, quiet: bool = True) -> None:
-    """Both splits through the check of ``python -m engine.data check`` (labels required; scan cached)
-    before the first step; TrainError naming the first problem."""
-    for split, path in (("train", data.train_file), ("val", data.val_file)):
-        report = check_dataset(data.dataset, data.root, [path], data.spec, max_examples=1, progress=not quiet,
-                               labels=True)
-        if not report["clean"]:
-            raise TrainError(f"{split} data: {first_problem(report)}; see python -m engine.data check --dataset "
-                             f"{data.dataset} --data-root {data.root} --ann {path}")
-
-
-def _eval_failure(epoch: int, error: BaseException | None, out: Path) -> str:
-    what = " ".join(str(error).split()) if error is not None else "on another rank"
-    return (f"evaluation after epoch {epoch} failed: {what}; the epoch's weights are saved in {out / 'latest.pt'} "
-            f"(continue with --resume {out / 'latest.pt'})")
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """``flag`` OR-ed over the ranks (the main rank decides evaluation and early stopping)."""
-    if not dist_utils.is_distributed():
-        return bool(flag)
-    import torch.distributed as dist
-
-    t = torch.tensor([int(bool(flag))], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +340,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
 
     ``stop_after_epoch`` ends the run early after that epoch (simulates an interruption in tests).
     """
-    device, out = _check_run_flags(args)
+    device, out = check_run_flags(args)
     distributed = dist_utils.init_from_env(device)
     device = dist_utils.local_device(device)
     main_proc = dist_utils.is_main()
@@ -584,9 +521,9 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 save_json({"best_epoch": state["best_epoch"], "best": state["best_metrics"], "history": state["history"]},
                           out / "metrics.json")
             dist_utils.barrier()
-            if _any_rank(eval_error is not None, device):
-                raise TrainError(_eval_failure(epoch + 1, eval_error, out))
-            if _any_rank(main_proc and 0 < cfg.max_es_cnt <= state.get("since_best", 0), device):
+            if any_rank(eval_error is not None, device):
+                raise TrainError(eval_failure(epoch + 1, eval_error, out))
+            if any_rank(main_proc and 0 < cfg.max_es_cnt <= state.get("since_best", 0), device):
                 log.info(f"early stop: no better {best_key} in the last {cfg.max_es_cnt} evaluation(s) "
                          f"(--early-stop {cfg.max_es_cnt}); best epoch {state['best_epoch']}")
                 break
@@ -604,18 +541,6 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         dist_utils.cleanup()
 
 
-def _error_line(e: BaseException) -> str | None:
-    """The one line printed for an error the user can act on; None for a bug (the traceback is kept)."""
-    worker = cli.worker_error_line(e)  # a DataLoader worker's error arrives wrapped, its traceback as text
-    if worker is not None:
-        return "in a DataLoader worker: " + re.sub(r"^(\w+\.)+(?=\w+: )", "", worker)  # engine.x.DataError -> DataError
-    if isinstance(e, (TrainError, DataError, CheckpointError)):
-        return str(e)
-    if isinstance(e, OSError):
-        return cli.os_error_line(e)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -627,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted: {how}", file=sys.stderr)
         return cli.EXIT_INTERRUPTED
     except Exception as e:
-        line = _error_line(e)
+        line = error_line(e)
         if line is None:
             raise
         return cli.fail(line)
