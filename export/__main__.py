@@ -98,19 +98,19 @@ def _run(fmt: Format, args) -> int:
     if not args.ckpt.is_file():
         raise ValueError(f"checkpoint not found: {args.ckpt}")
     device = args.device or fmt.default_device
-    if device == "cuda" and fmt.name != "trt":
+    if device == "cuda" and not fmt.trace_on_cpu:
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda needs a CUDA GPU (none visible to torch)")
         # true fp32 (no TF32) in the artifact and in the PyTorch side of --verify
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    prepared = prepare(args.ckpt, device="cpu" if fmt.name == "trt" else device)
+    prepared = prepare(args.ckpt, device="cpu" if fmt.trace_on_cpu else device)
     settings = validate(fmt, args, prepared.cfg)  # every argument check, before the slow export
-    if fmt.name == "trt":
+    if fmt.dependency is not None:
         from . import backends
 
-        backends.require_tensorrt()  # also before the ONNX export
+        backends.require(fmt.dependency)  # also before the ONNX export
     out, t = settings["out"], settings["max_video_len"]
     start = time.perf_counter()
     if not args.quiet:
@@ -129,35 +129,48 @@ def _run(fmt: Format, args) -> int:
 
 
 def _export(fmt: Format, args, prepared, settings):
-    """Write the artifact; returns a function path -> runner for --verify."""
-    out, t, dtype = settings["out"], settings["max_video_len"], settings["dtype"]
-    if fmt.name == "onnx":
-        from .onnx_export import export_onnx, onnx_runner
+    """Write the artifact with the format's exporter; returns a function path -> runner for --verify."""
+    return EXPORTERS[fmt.name](args, prepared, settings)
 
-        with progress("ONNX export (torch.onnx.export, dynamo)", args.quiet):
-            export_onnx(prepared, out, opset=args.opset, dynamic=args.dynamic, batch=args.batch, max_video_len=t,
-                        text_len=args.text_len, simplify=args.simplify, dtype=dtype)
-        return onnx_runner
-    if fmt.name == "aoti":
-        from .backends import aoti_runner, export_aoti
 
-        with progress("torch.export + AOTInductor compile (minutes of C++ compilation)", args.quiet):
-            export_aoti(prepared, out, dynamic=args.dynamic, batch=args.batch, max_video_len=t, text_len=args.text_len)
-        from engine.atomic import save_json
+def _export_onnx(args, prepared, settings):
+    from .onnx_export import export_onnx, onnx_runner
 
-        save_json(prepared.metadata, out.with_suffix(".json"), indent=1)
-        return lambda path: aoti_runner(path, settings["device"])
+    with progress("ONNX export (torch.onnx.export, dynamo)", args.quiet):
+        export_onnx(prepared, settings["out"], opset=args.opset, dynamic=args.dynamic, batch=args.batch,
+                    max_video_len=settings["max_video_len"], text_len=args.text_len, simplify=args.simplify,
+                    dtype=settings["dtype"])
+    return onnx_runner
+
+
+def _export_aoti(args, prepared, settings):
+    from engine.atomic import save_json
+
+    from .backends import aoti_runner, export_aoti
+
+    out = settings["out"]
+    with progress("torch.export + AOTInductor compile (minutes of C++ compilation)", args.quiet):
+        export_aoti(prepared, out, dynamic=args.dynamic, batch=args.batch, max_video_len=settings["max_video_len"],
+                    text_len=args.text_len)
+    save_json(prepared.metadata, out.with_suffix(".json"), indent=1)
+    return lambda path: aoti_runner(path, settings["device"])
+
+
+def _export_trt(args, prepared, settings):
     from . import backends
     from .onnx_export import export_onnx
 
-    build_trt_engine, trt_runner = backends.build_trt_engine, backends.trt_runner
+    out, dtype = settings["out"], settings["dtype"]
     with progress(f"ONNX export for TensorRT ({dtype} graph)", args.quiet):
-        onnx_path = export_onnx(prepared, out.with_suffix(".onnx"), opset=args.opset, dynamic=True, max_video_len=t,
-                                text_len=args.text_len, dtype=dtype)
+        onnx_path = export_onnx(prepared, out.with_suffix(".onnx"), opset=args.opset, dynamic=True,
+                                max_video_len=settings["max_video_len"], text_len=args.text_len, dtype=dtype)
     with progress("TensorRT engine build", args.quiet):
-        build_trt_engine(onnx_path, out, precision=dtype, workspace_gb=args.workspace,
-                         shapes=trt_shapes(settings["shapes"], prepared.cfg, args.text_len))
-    return trt_runner
+        backends.build_trt_engine(onnx_path, out, precision=dtype, workspace_gb=args.workspace,
+                                  shapes=trt_shapes(settings["shapes"], prepared.cfg, args.text_len))
+    return backends.trt_runner
+
+
+EXPORTERS = {"onnx": _export_onnx, "aoti": _export_aoti, "trt": _export_trt}
 
 
 def trt_shapes(shapes, cfg, text_len: int) -> dict:
@@ -173,8 +186,8 @@ def _verify(fmt: Format, args, prepared, settings, runner) -> int:
 
     out, t, tol = settings["out"], settings["max_video_len"], settings["tol"]
     half = settings["dtype"] != "fp32"
-    result = verify(prepared, runner(out), dynamic=args.dynamic or fmt.name == "trt", batch=args.batch,
-                    max_video_len=t, text_len=args.text_len, static_video=fmt.name == "aoti", tol=tol, half=half)
+    result = verify(prepared, runner(out), dynamic=args.dynamic or fmt.always_dynamic, batch=args.batch,
+                    max_video_len=t, text_len=args.text_len, static_video=fmt.static_video, tol=tol, half=half)
     print(format_rows(result))
     if not result["ok"]:
         print(f"verification FAILED (tolerance {result['tol']:.0e} relative)", file=sys.stderr)
@@ -184,7 +197,7 @@ def _verify(fmt: Format, args, prepared, settings, runner) -> int:
         return cli.EXIT_OK
     from .metrics import format_deltas, metric_deltas
 
-    static = t if fmt.name == "aoti" else None  # aoti: the video length is static
+    static = t if fmt.static_video else None
     deltas = metric_deltas(prepared, runner(out), args.data_root, split=args.split, ann=args.ann,
                            static_video_len=static, max_queries=args.max_queries)
     print(format_deltas(deltas))

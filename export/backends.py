@@ -71,6 +71,13 @@ def aoti_runner(path: str | os.PathLike, device: str = "cpu"):
 # ---------------------------------------------------------------------------------------------------------
 # TensorRT: ONNX -> engine through the TensorRT Python API (10 and 11), optimisation profiles
 # ---------------------------------------------------------------------------------------------------------
+def require(package: str):
+    """The optional ``package`` a format needs (only "tensorrt"), or MissingDependency."""
+    if package != "tensorrt":
+        raise ValueError(f"unknown export dependency {package!r}")
+    return require_tensorrt()
+
+
 def require_tensorrt():
     try:
         import tensorrt as trt

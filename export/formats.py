@@ -1,8 +1,10 @@
 """The one export format table: it drives the sub-commands, their options, the argument checks (all run
 before the slow export) and ``--help`` (ultralytics' ``export_formats()`` pattern).
 
-Each :class:`Format` names its suffix, the precisions and devices it supports, the verification tolerance
-per precision and the format-only options (keys of :data:`OPTIONS`).
+Each :class:`Format` names its suffix, the precisions and devices it supports, the format-only options
+(keys of :data:`OPTIONS`) and how its shapes behave (``static_video``: one exported video length, shorter
+videos padded; ``always_dynamic``: dynamic shapes whatever ``--dynamic`` says). The exporter of each format
+is ``export.__main__.EXPORTERS[name]``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class Format:
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
     options: tuple[str, ...] = ()
+    static_video: bool = False
+    always_dynamic: bool = False
+    trace_on_cpu: bool = False  # the model is traced on the CPU whatever --device is (trt: via ONNX)
+    dependency: str | None = None  # an optional package checked before the export (export.backends.require)
 
     @property
     def default_device(self) -> str:
@@ -37,10 +43,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            dtypes=("fp32", "fp16"), devices=("cpu",), options=("opset", "simplify")),
     Format("trt", ".engine", "TensorRT engine via the ONNX parser (TensorRT 10/11, CUDA); the precision is the "
                              "ONNX graph's own (a strongly typed network)",
-           dtypes=("fp32", "fp16", "bf16"), devices=("cuda",), options=("opset", "workspace", "shapes")),
+           dtypes=("fp32", "fp16", "bf16"), devices=("cuda",), options=("opset", "workspace", "shapes"),
+           always_dynamic=True, trace_on_cpu=True, dependency="tensorrt"),
     Format("aoti", ".pt2", "torch.export + AOTInductor package (torch._inductor.aoti_load_package); the video "
                            "length is static: pad shorter videos, their masks carry the lengths",
-           dtypes=("fp32",), devices=("cpu", "cuda")),
+           dtypes=("fp32",), devices=("cpu", "cuda"), static_video=True),
 )}
 
 #: format-only options: name -> (flags, add_argument keywords)
