@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -464,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                progress=not args.quiet, cache_dir=False if args.no_cache else None)
         if args.out is not None:
             save_json(report, args.out, indent=2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the files scanned so far are cached; a rerun continues from there", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     except OSError as e:
         return cli.fail(cli.os_error_line(e))
     except DataError as e:

@@ -85,7 +85,7 @@ def record_problems(rec: dict, rule: str, load_labels: bool, clip_length: float 
     except DataError as e:
         return out + [("bad_window", str(e).split(": ", 1)[-1])]
     if len(windows) == 0:
-        out.append(("bad_annotation", "no relevant_windows (an unlabelled split? use load_labels=False)"))
+        out.append(("bad_annotation", "no relevant_windows (labels are needed to train and evaluate; an unlabelled test split can only be predicted)"))
     out += [("bad_window", f"{msg} (duration {duration:g})") for msg in window_problems(rec)]
     if rule == "all":
         out += _saliency_problems(rec, duration, clip_length)

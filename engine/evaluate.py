@@ -406,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = evaluate(submission, ground_truth, dataset=args.dataset, **kwargs)
         if args.out:
             save_json(metrics, args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     except QidMismatchError as e:
         return cli.fail(e.hint(cli=True))
     except OSError as e:

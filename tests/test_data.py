@@ -391,7 +391,7 @@ def test_annotation_file_errors(tmp_path):
     with pytest.raises(DataError, match="annotation file not found"):
         load_annotations(tmp_path / "none.jsonl")
     path = _jsonl(tmp_path / "test.jsonl", [{"qid": 1, "query": "q", "duration": 150, "vid": "v"}])
-    with pytest.raises(DataError, match=r"test\.jsonl: qid 1: no relevant_windows.*load_labels=False"):
+    with pytest.raises(DataError, match=r"test\.jsonl: qid 1: no relevant_windows \(labels are needed"):
         MomentDataset(path, tmp_path, _spec())
     with pytest.raises(DataError, match="unknown dataset 'qvh'"):
         MomentDataset([QVH_REC], tmp_path, _spec(), dataset="qvh")

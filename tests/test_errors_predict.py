@@ -131,3 +131,15 @@ def test_predict_cli_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--ckpt", str(ckpt), "--data-root", str(tmp_path), "--out", str(tmp_path / "p.jsonl"), "--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_predict_loader_scales_capped_videos_by_what_the_model_saw():
+    """The dataset path (``engine.predict --data-root``): a 300 s video read as its first 75 clips is scaled by
+    150 s, not 300 s, and named in a warning; an uncapped model keeps the duration."""
+    from engine.train_guard import seen_meta
+
+    meta = [{"qid": 1, "duration": 300.0}, {"qid": 2, "duration": 150.0}, {"qid": 3, "duration": 40.0}]
+    cut: list = []
+    out = seen_meta(meta, [75, 75, 20], LDDETRConfig.preset("qvhighlights"), cut)
+    assert [m["duration"] for m in out] == [150.0, 150.0, 40.0] and cut == [1]
+    assert seen_meta(meta, [75, 75, 20], LDDETRConfig.preset("tacos"), []) == meta
