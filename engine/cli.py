@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -116,7 +117,7 @@ class Parser(argparse.ArgumentParser):
 
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
     """A :class:`Parser` with the shared formatter and an example epilog."""
-    return Parser(prog=prog, description=description, formatter_class=HelpFormatter,
+    return Parser(prog=prog, description=textwrap.fill(" ".join(description.split()), 100), formatter_class=HelpFormatter,
                   epilog=f"example:\n  {example}\n\nexit codes: 0 ok, 1 check/verify failed, 2 bad input")
 
 
