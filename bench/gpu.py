@@ -242,9 +242,9 @@ class Run:
         top = [dict(name=e.key[:90], calls_per_forward=e.count / 5, us_per_forward=self_dev(e) / 5) for e in kernels[:25]]
         comps = [dict(part=e.key[6:], calls=e.count / 5, device_us_per_forward=dev(e) / 5, cpu_us_per_forward=
                       e.cpu_time_total / 5) for e in ev if e.key.startswith("part::")]
-        self.res["profile"] = dict(dtype=dtype, batch=1, device_us_per_forward=total, ops_with_device_time=n_kernels,
+        self.res["profile"] = dict(dtype=dtype, batch=1, device_us_per_forward=total, kernels_per_forward=n_kernels,
                                    top=top, parts=sorted(comps, key=lambda c: -c["device_us_per_forward"]))
-        print(f"  profile B1 {dtype}: {total:.0f} us device time, {n_kernels:.0f} device ops per forward", flush=True)
+        print(f"  profile B1 {dtype}: {total:.0f} us device time, {n_kernels:.0f} device kernels per forward", flush=True)
         for c in self.res["profile"]["parts"]:
             print(f"    {c['part']:<48} {c['device_us_per_forward']:8.1f} us  cpu {c['cpu_us_per_forward']:8.1f} us")
         for t in top[:12]:
