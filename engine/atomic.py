@@ -32,14 +32,35 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a killed :func:`atomic_open` left in ``folder`` (``kill -9`` skips
+    its cleanup); call it when a job starts writing there. Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def save_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
-    """One JSON object per line, atomically."""
+    """One JSON object per line, atomically. A NaN/inf value (a diverged model) is refused — bare ``NaN`` is
+    not JSON — with a ValueError naming the record's qid; nothing is written then."""
     with atomic_open(path) as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        for i, r in enumerate(records):
+            try:
+                f.write(json.dumps(r, allow_nan=False) + "\n")
+            except ValueError:
+                qid = r.get("qid", i) if isinstance(r, dict) else i
+                raise ValueError(f"{path}: record qid {qid!r} has NaN/inf values (a diverged model?); "
+                                 f"nothing was written") from None
 
 
-def save_json(obj: Any, path: str | os.PathLike, indent: int = 4) -> None:
+def save_json(obj: Any, path: str | os.PathLike, indent: int | None = 4) -> None:
     """``obj`` as JSON, atomically."""
     with atomic_open(path) as f:
         f.write(json.dumps(obj, indent=indent))

@@ -10,6 +10,8 @@ Layout (a plain dict of tensors, numbers, strings, lists and dicts — no pickle
                       lengths; see engine.data.FeatureSpec) or None
     epoch, metrics    where and how well it was saved
     versions          ld-detr, torch, python
+    checksum          sha256 of the model tensors (names, dtypes, shapes, bytes), verified on load; a
+                      checkpoint without one (older files) loads with a warning
     resume            optional: optimiser, scheduler, RNG and loop state for ``--resume`` (training only)
 
 Writes are atomic (temporary file in the same folder, fsync, then ``os.replace``): an interrupted save
@@ -18,8 +20,10 @@ never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,19 @@ def library_versions() -> dict[str, str]:
     return {"ld_detr": str(ours), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
+def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically (see :mod:`engine.atomic`)."""
     with atomic_open(path, "wb") as f:
@@ -72,6 +89,7 @@ def save_checkpoint(model: LDDETR, path: str | os.PathLike, *, feature_contract:
         "metrics": metrics or {},
         "versions": library_versions(),
         "meta": meta,
+        "checksum": tensor_checksum(state),
     }
     if resume is not None:
         ckpt["resume"] = resume
@@ -103,7 +121,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model", "config"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+    _verify_checksum(ckpt, path)
     return ckpt
+
+
+def _verify_checksum(ckpt: dict, path: Path) -> None:
+    stored = ckpt.get("checksum")
+    if stored is None:
+        warnings.warn(f"{path}: checkpoint has no checksum (written by an older ld-detr); its weights cannot be "
+                      f"verified. Re-save it to add one.", UserWarning, stacklevel=3)
+        return
+    if not isinstance(ckpt["model"], dict) or tensor_checksum(ckpt["model"]) != stored:
+        raise CheckpointError(f"{path}: checksum mismatch: the weights changed after the checkpoint was written "
+                              f"(a corrupt copy or a disk error); use another copy")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

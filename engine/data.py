@@ -19,7 +19,7 @@ Departures from the official loader (all harmless for well-formed data):
 
 CLI::
 
-    python -m engine.data check --dataset qvhighlights --root FEATURES [--ann FILE ...]
+    python -m engine.data check --dataset qvhighlights --data-root FEATURES [--ann FILE ...]
     python -m engine.data synth --out DIR
 """
 
@@ -38,11 +38,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reference.span_utils import span_xx_to_cxw
 
-from .data_check import CHECK_CATEGORIES, check_dataset, format_report  # noqa: F401  (re-exported)
+from .atomic import save_json
+from .data_check import CHECK_CATEGORIES, check_dataset, first_problem, format_report  # noqa: F401  (re-exported)
+from .data_validate import record_problems, record_windows, validate_record, window_problems  # noqa: F401
 from .features import (  # noqa: F401  (re-exported: importers use engine.data)
     DATASETS, NORM_EPS, DataError, FeatureSpec, canonical_dataset, feature_spec_for, find_feature_file,
-    l2_normalize, prepare_text, prepare_video, read_array, read_array_shape, read_audio_features,
-    read_text_features, read_video_features, temporal_endpoint_features,
+    l2_normalize, prepare_text, prepare_video, read_array, read_array_shape, read_text_features,
+    read_video_features, temporal_endpoint_features,
 )
 
 #: saliency-label rule per dataset (spec §6 "Labels per sample").
@@ -83,6 +85,15 @@ def load_annotations(path: str | os.PathLike) -> Annotations:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     records = Annotations(path=path)
+    try:
+        _read_records(path, records)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    check_unique_qids(records, path)
+    return records
+
+
+def _read_records(path: Path, records: list) -> None:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -97,8 +108,6 @@ def load_annotations(path: str | os.PathLike) -> Annotations:
                 if key not in rec:
                     raise DataError(f"{path}:{lineno}: record has no {key!r} key (keys: {sorted(rec)})")
             records.append(rec)
-    check_unique_qids(records, path)
-    return records
 
 
 def check_unique_qids(records: Sequence[dict], source: Any = None) -> None:
@@ -110,70 +119,6 @@ def check_unique_qids(records: Sequence[dict], source: Any = None) -> None:
         seen.add(q)
     if dups:
         raise DataError(f"{source or 'annotations'}: {len(dups)} duplicate qid(s): {_few(dups)}")
-
-
-def _windows(rec: dict) -> np.ndarray:
-    value = rec.get("relevant_windows")
-    if value is None:
-        return np.zeros((0, 2))
-    try:
-        arr = np.asarray(value, dtype=np.float64).reshape(-1, 2) if len(value) else np.zeros((0, 2))
-    except (ValueError, TypeError):
-        raise DataError(f"qid {rec['qid']!r}: relevant_windows must be [[start, end], ...], got {str(value)[:80]}") from None
-    return arr
-
-
-def window_problems(rec: dict) -> list[str]:
-    """Descriptions of empty / out-of-range windows of one record ([] when all are fine)."""
-    out = []
-    duration = float(rec["duration"])
-    for st, ed in _windows(rec):
-        if not (np.isfinite(st) and np.isfinite(ed)) or ed <= st:
-            out.append(f"empty window [{st:g}, {ed:g}]")
-        elif st < 0 or ed > duration * (1 + 1e-6) + 1e-6:
-            out.append(f"window [{st:g}, {ed:g}] outside [0, duration={duration:g}]")
-    return out
-
-
-def validate_record(rec: dict, rule: str, load_labels: bool, source: Any = None) -> None:
-    """Check one annotation record; ``DataError`` naming the file and qid."""
-    where = f"{source}: qid {rec['qid']!r}" if source else f"qid {rec['qid']!r}"
-    try:
-        duration = float(rec["duration"])
-    except (KeyError, TypeError, ValueError):
-        raise DataError(f"{where}: needs a numeric 'duration', got {rec.get('duration')!r}") from None
-    if not duration > 0:
-        raise DataError(f"{where}: duration must be > 0, got {duration}")
-    if not load_labels:
-        return
-    if rule == "tvsum":
-        try:
-            label = np.asarray(rec["label"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{where}: TVSum labels need a 'label' list of per-clip annotator scores") from None
-        if label.ndim != 2 or label.shape[0] == 0 or not np.isfinite(label).all():
-            raise DataError(f"{where}: 'label' must be a non-empty (clips, annotators) array, got shape {label.shape}")
-        return
-    windows = _windows(rec)
-    if len(windows) == 0:
-        raise DataError(f"{where}: no relevant_windows (an unlabelled split? use load_labels=False)")
-    problems = window_problems(rec)
-    if problems:
-        raise DataError(f"{where}: {problems[0]} (duration {duration:g})")
-    if rule == "all":
-        ids, scores = rec.get("relevant_clip_ids"), rec.get("saliency_scores")
-        if not ids or scores is None:
-            raise DataError(f"{where}: QVHighlights labels need non-empty 'relevant_clip_ids' and 'saliency_scores'")
-        try:
-            sc = np.asarray(scores, dtype=np.float64)
-            ids_arr = np.asarray(ids, dtype=np.int64)
-        except (TypeError, ValueError):
-            raise DataError(f"{where}: 'relevant_clip_ids'/'saliency_scores' are not numeric") from None
-        if sc.ndim != 2 or sc.shape[0] != len(ids_arr):
-            raise DataError(f"{where}: need one saliency_scores row per relevant clip id "
-                            f"({len(ids_arr)} ids, scores shape {sc.shape})")
-        if ids_arr.min() < 0:
-            raise DataError(f"{where}: negative relevant_clip_ids {_few(ids_arr[ids_arr < 0].tolist())}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +198,7 @@ class MomentDataset(Dataset):
     """One item per annotation record: features read from ``root`` by ``spec``, labels by dataset rule.
 
     ``__getitem__`` returns a dict: ``qid, vid, query, duration`` (python values), ``video`` (T, Dv) float32,
-    ``text`` (N, Dt) float32, [``audio`` (T, Da+2)], and with ``load_labels``: ``span_labels`` (n, 2) cxw,
+    ``text`` (N, Dt) float32, and with ``load_labels``: ``span_labels`` (n, 2) cxw,
     ``saliency_pos_labels`` / ``saliency_neg_labels`` (2,) long, ``saliency_all_labels`` (T,) float32.
     Random picks come from ``numpy.random.default_rng([seed, epoch, index])``; :meth:`set_epoch` changes them
     (the epoch lives in shared memory, so persistent DataLoader workers see it). ``cache=True`` keeps the
@@ -286,7 +231,7 @@ class MomentDataset(Dataset):
                     raise DataError(f"{self.source or 'annotations'}: record without {key!r}: {str(rec)[:80]}")
         check_unique_qids(self.records, self.source)
         for rec in self.records:
-            validate_record(rec, self.rule, load_labels, self.source)
+            validate_record(rec, self.rule, load_labels, self.source, clip_length=spec.clip_length)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -311,14 +256,6 @@ class MomentDataset(Dataset):
                 self._video_cache[vid] = video
         item: dict[str, Any] = {"qid": qid, "vid": vid, "query": rec.get("query", ""),
                                 "duration": float(rec["duration"])}
-        if self.spec.audio_dir is not None:
-            audio = read_audio_features(self.root, vid, self.spec)
-            length = min(len(video), len(audio))
-            video = video[:length].copy()
-            if self.spec.use_tef:
-                video[:, -2:] = temporal_endpoint_features(length)  # TEF of the common length
-                audio = np.concatenate([audio[:length], temporal_endpoint_features(length)], axis=1)
-            item["audio"] = torch.from_numpy(np.ascontiguousarray(audio[:length]))
         item["video"] = torch.from_numpy(np.array(video) if self.cache else video)  # never hand out the cache
         text = self._text_cache.get(qid) if self.cache else None
         if text is None:
@@ -337,7 +274,7 @@ class MomentDataset(Dataset):
             spans = torch.zeros(0, 2)
             pos, neg, all_labels = saliency_labels_tvsum(rec["label"], ctx_l)
         else:
-            windows = _windows(rec)
+            windows = record_windows(rec)
             spans = span_labels_from_windows(windows, ctx_l, self.spec.clip_length, self.max_windows, rng)
             if self.rule == "all":
                 pos, neg, all_labels = saliency_labels_all(rec["relevant_clip_ids"], rec["saliency_scores"], ctx_l, rng)
@@ -365,7 +302,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch :class:`MomentDataset` items.
 
     Returns ``video`` (B, T, Dv) zero-padded, ``video_mask`` (B, T) bool (True = valid), ``text`` (B, N, Dt),
-    ``text_mask`` (B, N) bool, [``audio`` (B, T, Da)], ``meta`` (list of {qid, vid, query, duration}) and, when
+    ``text_mask`` (B, N) bool, ``meta`` (list of {qid, vid, query, duration}) and, when
     the items carry labels, ``targets`` = {``span_labels``: list of B (n_b, 2) cxw tensors,
     ``saliency_pos_labels`` / ``saliency_neg_labels``: (B, 2) long, ``saliency_all_labels``: (B, T) float}.
     """
@@ -374,8 +311,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     batch["video"], batch["video_mask"] = _pad([it["video"] for it in items])
     batch["text"], batch["text_mask"] = _pad([it["text"] for it in items])
-    if "audio" in items[0]:
-        batch["audio"], _ = _pad([it["audio"] for it in items])
     labelled = ["span_labels" in it for it in items]
     if any(labelled):
         if not all(labelled):
@@ -453,26 +388,54 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.data", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="scan annotations + features and report problems (exit 0 clean, 1 problems, 2 unusable)")
-    c.add_argument("--dataset", required=True, help=f"one of {list(DATASETS)} (aliases: hl, charadesSTA)")
-    c.add_argument("--root", required=True, type=Path, help="feature root (slowfast_features/, clip_features/, ...)")
-    c.add_argument("--ann", nargs="+", type=Path, default=None, help="annotation jsonl files (default: *.jsonl in --root)")
-    c.add_argument("--max-v-l", type=int, default=None, help="override the clip cap (<= 0: none)")
+    from . import cli
+
+    p = cli.parser("python -m engine.data", "Dataset tools: check a feature root and its annotations, or write the "
+                   "synthetic dataset.",
+                   "python -m engine.data check --dataset qvhighlights --data-root features/qvhighlight")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{check,synth}")
+    c = sub.add_parser("check", help="scan annotations + features and report problems (exit 0 clean, 1 problems, "
+                                     "2 unusable input)", formatter_class=cli.HelpFormatter,
+                       description="Scan annotations and features with the loader's own validator; every feature "
+                                   "file is read once (results cached, so a rerun only reads changed files).",
+                       epilog="example:\n  python -m engine.data check --dataset qvhighlights --data-root "
+                              "features/qvhighlight --ann data/highlight_val_release.jsonl\n\n"
+                              "exit codes: 0 clean, 1 problems found, 2 bad input")
+    c.add_argument("--dataset", required=True, choices=DATASETS, help="dataset format (aliases: hl, charadesSTA)",
+                   type=_dataset_arg)
+    c.add_argument("--data-root", "--root", dest="data_root", required=True, type=Path,
+                   help="feature root (slowfast_features/, clip_features/, ...)")
+    c.add_argument("--ann", nargs="+", type=Path, default=None,
+                   help="annotation jsonl files (default: every *.jsonl in --data-root)")
+    c.add_argument("--max-video-len", "--max-v-l", dest="max_video_len", type=int, default=None,
+                   help="override the clip cap (<= 0: none; default: the dataset's)")
     c.add_argument("--examples", type=int, default=5, help="examples shown per problem kind")
-    c.add_argument("--json", type=Path, default=None, help="also write the full report here")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    s = sub.add_parser("synth", help="write the synthetic QVHighlights-format dataset")
-    s.add_argument("--out", required=True, type=Path)
-    s.add_argument("--n-train", type=int, default=None)
-    s.add_argument("--n-val", type=int, default=None)
+    c.add_argument("--out", "--json", dest="out", type=Path, default=None, help="a file: the full report as JSON")
+    c.add_argument("--no-cache", action="store_true", help="rescan every feature file (ignore the scan cache)")
+    cli.add_quiet(c)
+    s = sub.add_parser("synth", help="write the synthetic QVHighlights-format dataset", formatter_class=cli.HelpFormatter,
+                       description="Write the built-in synthetic dataset (features + annotations) into a folder.",
+                       epilog="example:\n  python -m engine.data synth --out data/synthetic\n\n"
+                              "exit codes: 0 ok, 2 bad input")
+    s.add_argument("--out", required=True, type=Path, help="a folder: features and annotation files go there")
+    s.add_argument("--n-train", type=int, default=None, help="training queries (default: the generator's)")
+    s.add_argument("--n-val", type=int, default=None, help="validation queries (default: the generator's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="regenerate even when the manifest matches")
+    cli.add_quiet(s)
     return p
 
 
+def _dataset_arg(value: str) -> str:
+    try:
+        return canonical_dataset(value)
+    except DataError:
+        return value  # argparse's choices check names the valid ones
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import cli
+
     args = build_parser().parse_args(argv)
     if args.cmd == "synth":
         from .synthetic import ensure_synthetic_dataset, make_synthetic_dataset
@@ -483,33 +446,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 make_synthetic_dataset(args.out, seed=args.seed, **kwargs)
             else:
                 ensure_synthetic_dataset(args.out, seed=args.seed, **kwargs)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"synthetic dataset ready in {args.out}")
+        except OSError as e:
+            return cli.fail(cli.os_error_line(e))
+        except ValueError as e:
+            return cli.fail(e)
+        if not args.quiet:
+            print(f"synthetic dataset ready in {args.out}")
         return 0
+    root = args.data_root
     try:
         if args.ann:
             ann = list(args.ann)
         else:
-            ann = sorted(p for p in args.root.glob("*.jsonl") if p.is_file()) if args.root.is_dir() else []
-        overrides = {} if args.max_v_l is None else {"max_v_l": args.max_v_l}
-        spec = feature_spec_for(args.dataset, args.root if args.root.is_dir() else None, **overrides)
-        report = check_dataset(args.dataset, args.root, ann, spec, max_examples=args.examples,
-                               progress=not args.quiet)
-    except (DataError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+            ann = sorted(p for p in root.glob("*.jsonl") if p.is_file()) if root.is_dir() else []
+        overrides = {} if args.max_video_len is None else {"max_v_l": args.max_video_len}
+        spec = feature_spec_for(args.dataset, root if root.is_dir() else None, **overrides)
+        report = check_dataset(args.dataset, root, ann, spec, max_examples=args.examples,
+                               progress=not args.quiet, cache_dir=False if args.no_cache else None)
+        if args.out is not None:
+            save_json(report, args.out, indent=2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the files scanned so far are cached; a rerun continues from there", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except OSError as e:
+        return cli.fail(cli.os_error_line(e))
+    except DataError as e:
+        return cli.fail(e)
     print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
     return 0 if report["clean"] else 1
 
 
 __all__ = [
     "DATASETS", "LABEL_RULES", "DataError", "FeatureSpec", "feature_spec_for", "canonical_dataset",
     "read_array", "read_array_shape", "find_feature_file", "l2_normalize", "temporal_endpoint_features",
-    "read_video_features", "read_text_features", "read_audio_features", "Annotations", "load_annotations",
+    "read_video_features", "read_text_features", "Annotations", "load_annotations",
     "validate_record", "window_problems", "span_labels_from_windows", "saliency_labels_all",
     "saliency_labels_sub_as_query", "saliency_labels_tvsum", "MomentDataset", "collate", "EpochShuffleSampler",
     "make_loader", "check_dataset", "format_report", "main",

@@ -59,14 +59,6 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / world_size()
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

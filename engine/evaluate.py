@@ -32,8 +32,12 @@ taken over unrounded values (brief values are copies of the rounded per-split va
 Departures from the upstream scripts (none changes a number on well-formed input):
 
 * Bad input raises ``ValueError`` naming the qid (duplicate qids, qid mismatch, malformed / non-finite
-  windows, ``start > end``, GT without windows, saliency length off by more than
-  ``SALIENCY_LEN_TOLERANCE`` clips) instead of an ``assert`` or a crash deep inside numpy.
+  windows, ``start > end``, GT without windows) instead of an ``assert`` or a crash deep inside numpy.
+* Saliency lists of any length are padded with 0.0 / truncated as upstream does (§2.5), and an
+  :class:`EvaluationNote` warning says how many queries were padded / truncated; ``strict=True`` refuses a
+  list more than ``SALIENCY_LEN_TOLERANCE`` clips off (the shipped val files are one short on 13 queries).
+* When the first record lacks a block's key but a later record has it, the block is skipped as upstream
+  does, with an :class:`EvaluationNote` naming the first record that disagrees (``strict=True`` refuses).
 * A query whose ``pred_relevant_windows`` is empty counts as a miss (IoU 0) in R1 / mIoU (upstream crashes)
   and, as upstream, is left out of the mAP mean. An empty split reports 0.0 everywhere (the official
   script gives NaN; CG-DETR writes zeros).
@@ -46,16 +50,20 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from .atomic import save_json  # noqa: F401  (re-exported: engine.evaluate.save_json)
+from .evaluate_inputs import (  # noqa: F401  (EvaluationNote, QidMismatchError, load_jsonl re-exported)
+    HL_CLIP_LENGTH, SALIENCY_LEN_TOLERANCE, EvaluationNote, QidMismatchError, _block_present, _gt_saliency,
+    _gt_windows, _match_qids, _note_lengths, _pred_saliency, _pred_windows, load_jsonl,
+)
 
 __all__ = [
-    "DATASETS", "VARIANTS", "load_jsonl", "save_json", "evaluate", "evaluate_qvhighlights",
+    "DATASETS", "VARIANTS", "EvaluationNote", "QidMismatchError", "load_jsonl", "save_json", "evaluate", "evaluate_qvhighlights",
     "evaluate_charades_tacos", "evaluate_tvsum", "temporal_iou_cross", "mr_average_precision",
     "hl_average_precision", "top_k_trapezoid_ap", "main",
 ]
@@ -74,133 +82,12 @@ R1_THRESHOLDS = {"official": MAP_THRESHOLDS, "cgdetr": _thresholds(0.3, 14)}  # 
 MAX_PRED_WINDOWS = 10  # §2.4 step 1: part of the protocol
 LENGTH_RANGES = {"short": (0.0, 10.0), "middle": (10.0, 30.0), "long": (30.0, 150.0), "full": None}
 HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}  # binarise "score >= m"
-HL_CLIP_LENGTH = 2.0
-SALIENCY_LEN_TOLERANCE = 1  # upstream pads/truncates silently; val files are 1 short on 13 queries
 TVSUM_TOP_K = 5
 
 
 def _fmt(x: float) -> float:
     """``100 * x`` rounded the official way: ``float(f"{100 * x:.2f}")``."""
     return float(f"{100 * float(x):.2f}")
-
-
-def _few(items: Sequence[Any], n: int = 5) -> str:
-    head = ", ".join(repr(q) for q in list(items)[:n])
-    return f"[{head}{', ...' if len(items) > n else ''}]"
-
-
-# ----------------------------------------------------------------------------------------------- I/O
-def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file (blank lines skipped). Bad JSON raises ``ValueError`` naming the line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    return records
-
-
-# ---------------------------------------------------------------------------------- input checking
-def _index_by_qid(records: Sequence[dict], what: str) -> dict:
-    if not isinstance(records, (list, tuple)):
-        raise ValueError(f"{what} must be a list of dicts, got {type(records).__name__}")
-    out: dict = {}
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or "qid" not in rec:
-            raise ValueError(f"{what} record {i} is not a dict with a 'qid' key: {str(rec)[:80]}")
-        qid = rec["qid"]
-        if not isinstance(qid, (int, str)):
-            raise ValueError(f"{what} record {i}: qid must be an int or a str, got {qid!r}")
-        if qid in out:
-            raise ValueError(f"duplicate qid {qid!r} in {what} (records {out[qid][0]} and {i})")
-        out[qid] = (i, rec)
-    return {q: r for q, (_, r) in out.items()}
-
-
-def _match_qids(submission, ground_truth, match_number: bool) -> tuple[dict, dict, list]:
-    """Index both sides by qid and apply the §1 qid check. Returns (sub, gt, qids in submission order)."""
-    sub = _index_by_qid(submission, "submission")
-    gt = _index_by_qid(ground_truth, "ground truth")
-    missing = [q for q in gt if q not in sub]
-    extra = [q for q in sub if q not in gt]
-    if match_number and (missing or extra):
-        raise ValueError(
-            f"submission and ground truth qids differ: {len(missing)} qid(s) missing from the submission "
-            f"{_few(missing)}, {len(extra)} extra qid(s) not in the ground truth {_few(extra)} "
-            f"(use match_number=False to evaluate the intersection)")
-    qids = [q for q in sub if q in gt]
-    if not qids:
-        raise ValueError("submission and ground truth share no qid")
-    return sub, gt, qids
-
-
-def _as_array(value: Any, width: int, qid: Any, key: str, what: str) -> np.ndarray:
-    """``value`` -> float64 (N, width) array of finite numbers, or ValueError naming the qid."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got {type(value).__name__}")
-    if len(value) == 0:
-        return np.zeros((0, width))
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got {str(value)[:80]}") from None
-    if arr.ndim != 2 or arr.shape[1] != width:
-        raise ValueError(f"qid {qid!r}: '{key}' must be a list of {what}, got shape {arr.shape}")
-    bad = ~np.isfinite(arr).all(1) | (arr[:, 0] > arr[:, 1])
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"qid {qid!r}: {key}[{i}] = {value[i]} is malformed (need finite start <= end)")
-    return arr
-
-
-def _pred_windows(rec: dict) -> np.ndarray:
-    if "pred_relevant_windows" not in rec:
-        raise ValueError(f"qid {rec['qid']!r}: submission record lacks 'pred_relevant_windows' "
-                         "(the first record has it, so every record must)")
-    return _as_array(rec["pred_relevant_windows"], 3, rec["qid"], "pred_relevant_windows",
-                     "[start, end, score] windows")
-
-
-def _gt_windows(rec: dict) -> np.ndarray:
-    arr = _as_array(rec.get("relevant_windows"), 2, rec["qid"], "relevant_windows", "[start, end] windows")
-    if len(arr) == 0:
-        raise ValueError(f"ground truth qid {rec['qid']!r} has no relevant_windows")
-    return arr
-
-
-def _pred_saliency(rec: dict, num_clips: int) -> np.ndarray:
-    qid, value = rec["qid"], rec.get("pred_saliency_scores")
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
-        arr = np.zeros((0, 0))
-    if value is None or arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
-        raise ValueError(f"qid {qid!r}: 'pred_saliency_scores' must be a non-empty list of finite numbers")
-    if abs(arr.size - num_clips) > SALIENCY_LEN_TOLERANCE:
-        raise ValueError(f"qid {qid!r}: pred_saliency_scores has {arr.size} scores, the ground truth has "
-                         f"{num_clips} clips (at most {SALIENCY_LEN_TOLERANCE} off is accepted)")
-    return arr
-
-
-def _gt_saliency(rec: dict) -> np.ndarray:
-    """(num_clips, 3) annotator scores, 0 outside ``relevant_clip_ids`` (§2.5)."""
-    qid = rec["qid"]
-    try:
-        num_clips = int(float(rec["duration"]) / HL_CLIP_LENGTH)
-        ids = np.asarray(rec["relevant_clip_ids"], dtype=np.int64).reshape(-1)
-        scores = np.asarray(rec["saliency_scores"], dtype=np.float64).reshape(len(ids), 3)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"ground truth qid {qid!r}: need 'duration', 'relevant_clip_ids' and one "
-                         f"[a1, a2, a3] 'saliency_scores' triple per clip id ({type(e).__name__}: {e})") from None
-    if ids.size and (ids.min() < 0 or ids.max() >= num_clips):
-        raise ValueError(f"ground truth qid {qid!r}: relevant_clip_ids outside [0, {num_clips})")
-    full = np.zeros((num_clips, 3))
-    full[ids] = scores
-    return full
 
 
 # ----------------------------------------------------------------------------------- metric math
@@ -320,7 +207,7 @@ def _mr_split(per_query: list[tuple[np.ndarray | None, float]], variant: str) ->
 
 
 def _eval_moment_retrieval(sub: dict, gt: dict, qids: list, variant: str, verbose: bool) -> dict:
-    preds = {q: _pred_windows(sub[q]) for q in qids}  # validate everything before any metric
+    preds = {q: _pred_windows(sub[q], qids[0]) for q in qids}  # validate everything before any metric
     gts = {q: _gt_windows(gt[q]) for q in qids}
     cache: dict = {}  # (qid, kept windows) -> _query_mr; most queries keep all windows in their split
     ret = {}
@@ -358,12 +245,13 @@ def _mr_brief(mr: dict, variant: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- highlight detection
-def _hl_inputs(sub: dict, gt: dict, qids: list) -> list[tuple[np.ndarray, np.ndarray]]:
+def _hl_inputs(sub: dict, gt: dict, qids: list, strict: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Validated (GT scores (n, 3), raw predicted saliency) per query, before any metric is computed."""
     out = []
     for q in qids:
         gt_scores = _gt_saliency(gt[q])
-        out.append((gt_scores, _pred_saliency(sub[q], len(gt_scores))))
+        out.append((gt_scores, _pred_saliency(sub[q], len(gt_scores), strict, qids[0])))
+    _note_lengths(qids, [len(p) for _, p in out], [len(g) for g, _ in out])
     return out
 
 
@@ -385,8 +273,12 @@ def _eval_highlight(inputs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 
 # ------------------------------------------------------------------------------------ public API
 def evaluate_qvhighlights(submission: list[dict], ground_truth: list[dict], verbose: bool = False,
-                          match_number: bool = True, variant: str = "official") -> dict:
+                          match_number: bool = True, variant: str = "official", strict: bool = False) -> dict:
     """Official QVHighlights metrics (§2), or CG-DETR's extension with ``variant="cgdetr"`` (§3).
+
+    ``strict``: refuse saliency lists more than ``SALIENCY_LEN_TOLERANCE`` clips off and records that disagree
+    with the first about which blocks exist (by default both are handled as upstream, with an
+    :class:`EvaluationNote` warning).
 
     Returns ``{"brief": {...}, "HL-min-Fair": {"HL-mAP", "HL-Hit1"}, "HL-min-Good": ...,
     "HL-min-VeryGood": ..., "full": {["MR-mIoU",] "MR-mAP": {"0.5".."0.95", "average"}, "MR-R1": {...}},
@@ -396,10 +288,12 @@ def evaluate_qvhighlights(submission: list[dict], ground_truth: list[dict], verb
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     sub, gt, qids = _match_qids(submission, ground_truth, match_number)
-    first = sub[qids[0]]  # the first record after the qid check decides which blocks run (§1)
-    hl_inputs = _hl_inputs(sub, gt, qids) if "pred_saliency_scores" in first else None
+    # the first record after the qid check decides which blocks run (§1)
+    has_hl = _block_present(sub, qids, "pred_saliency_scores", "HL", strict)
+    has_mr = _block_present(sub, qids, "pred_relevant_windows", "MR", strict)
+    hl_inputs = _hl_inputs(sub, gt, qids, strict) if has_hl else None
     metrics, brief = {}, {}
-    if "pred_relevant_windows" in first:
+    if has_mr:
         mr = _eval_moment_retrieval(sub, gt, qids, variant, verbose)
         metrics.update(mr)
         brief.update(_mr_brief(mr, variant))
@@ -411,7 +305,7 @@ def evaluate_qvhighlights(submission: list[dict], ground_truth: list[dict], verb
 
 
 def evaluate_charades_tacos(submission: list[dict], ground_truth: list[dict], verbose: bool = False,
-                            match_number: bool = True) -> dict:
+                            match_number: bool = True) -> dict:  # MR only: nothing for ``strict`` to check
     """Charades-STA / TACoS moment retrieval with CG-DETR's evaluator (§3): MR only, same splits.
 
     Brief keys: ``MR-full-R1@0.3``, ``MR-full-R1@0.5``, ``MR-full-R1@0.7``, ``MR-full-mIoU``, ``MR-full-mAP``,
@@ -423,7 +317,7 @@ def evaluate_charades_tacos(submission: list[dict], ground_truth: list[dict], ve
 
 
 def evaluate_tvsum(predictions: list[dict], ground_truth: list[dict], top_k: int | None = TVSUM_TOP_K,
-                   match_number: bool = True) -> dict:
+                   match_number: bool = True, strict: bool = False) -> dict:
     """TVSum highlight detection (§3, "following UMT").
 
     ``predictions``: ``{"qid", "pred_saliency_scores"}`` per video; ``ground_truth``: TVSum records with
@@ -433,6 +327,7 @@ def evaluate_tvsum(predictions: list[dict], ground_truth: list[dict], top_k: int
     """
     sub, gt, qids = _match_qids(predictions, ground_truth, match_number)
     per_domain: dict[str, list[np.ndarray]] = {}
+    lens = []
     for q in qids:
         rec = gt[q]
         try:
@@ -442,10 +337,13 @@ def evaluate_tvsum(predictions: list[dict], ground_truth: list[dict], top_k: int
             raise ValueError(f"ground truth qid {q!r}: need 'label' (n_clips x annotators) and 'domain'") from None
         if label.ndim != 2 or len(label) == 0:
             raise ValueError(f"ground truth qid {q!r}: 'label' must be (n_clips, annotators), got {label.shape}")
-        pred = _pred_saliency(sub[q], len(label))[: len(label)]  # upstream truncates, never pads
+        raw = _pred_saliency(sub[q], len(label), strict, qids[0])
+        lens.append((len(raw), len(label)))
+        pred = raw[: len(label)]  # upstream truncates, never pads
         median = np.sort(label, axis=0)[(len(label) - 1) // 2]  # torch median: lower middle value
         binary = label[: len(pred)] > median
         per_domain.setdefault(domain, []).append(top_k_trapezoid_ap(pred, binary, top_k))
+    _note_lengths(qids, [p for p, _ in lens], [g for _, g in lens], pad=False)
     name = f"Top{top_k}-mAP" if top_k else "mAP"
     dom_ap = {d: float(np.mean(v)) for d, v in sorted(per_domain.items())}
     brief = {f"HL-{name}": _fmt(np.mean(list(dom_ap.values())))}
@@ -468,32 +366,59 @@ def evaluate(submission: list[dict], ground_truth: list[dict], dataset: str = "q
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--submission", required=True, help="predictions, JSON lines")
-    ap.add_argument("--gt", required=True, help="ground truth, JSON lines")
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+
+    ap = cli.parser("python -m engine.evaluate", __doc__.split("\n")[0],
+                    "python -m engine.evaluate --submission preds.jsonl --ann highlight_val_release.jsonl "
+                    "--out metrics.json")
+    ap.add_argument("--submission", required=True, help="predictions, JSON lines (official submission format)")
+    ap.add_argument("--ann", "--gt", dest="ann", required=True, help="ground-truth annotation file, JSON lines")
     ap.add_argument("--dataset", default="qvhighlights", choices=DATASETS)
-    ap.add_argument("--variant", default="official", choices=VARIANTS, help="QVHighlights evaluator variant")
-    ap.add_argument("--out", default=None, help="write the full metrics dict here (atomically)")
-    ap.add_argument("--no-match-number", action="store_true", help="evaluate the qid intersection")
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--variant", default="official", choices=VARIANTS,
+                    help="QVHighlights evaluator: official, or cgdetr (adds R1@0.3..0.45 and mIoU)")
+    ap.add_argument("--out", default=None, help="a file: the full metrics dict as JSON (written atomically)")
+    ap.add_argument("--no-match-number", action="store_true",
+                    help="evaluate the qids both files share instead of refusing different qid sets")
+    ap.add_argument("--strict", action="store_true",
+                    help="refuse saliency lists more than 1 clip off the ground truth and records that disagree "
+                         "with the first about which keys they have (the official evaluator pads / skips)")
+    ap.add_argument("--verbose", action="store_true", help="print the per-split query counts")
+    cli.add_quiet(ap)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import cli
+
+    args = build_parser().parse_args(argv)
     kwargs: dict[str, Any] = {"match_number": not args.no_match_number}
     if args.dataset == "qvhighlights":
-        kwargs.update(variant=args.variant, verbose=args.verbose)
+        kwargs.update(variant=args.variant, verbose=args.verbose, strict=args.strict)
     elif args.dataset in ("charades", "tacos"):
         kwargs.update(verbose=args.verbose)
+    else:
+        kwargs.update(strict=args.strict)
     try:
-        submission, ground_truth = load_jsonl(args.submission), load_jsonl(args.gt)
-        metrics = evaluate(submission, ground_truth, dataset=args.dataset, **kwargs)
+        submission, ground_truth = load_jsonl(args.submission), load_jsonl(args.ann)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", EvaluationNote)
+            metrics = evaluate(submission, ground_truth, dataset=args.dataset, **kwargs)
         if args.out:
             save_json(metrics, args.out)
-    except FileNotFoundError as e:
-        print(f"error: file not found: {e.filename}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except QidMismatchError as e:
+        return cli.fail(e.hint(cli=True))
+    except OSError as e:
+        return cli.fail(cli.os_error_line(e))
+    except ValueError as e:
+        return cli.fail(e)
+    if not args.quiet:
+        for n in notes:
+            if issubclass(n.category, EvaluationNote):
+                print(f"note: {n.message}", file=sys.stderr)
     print(json.dumps(metrics["brief"], indent=4))
     return 0
 

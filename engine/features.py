@@ -5,7 +5,6 @@ On-disk layout (the Moment-DETR / QD-DETR / CG-DETR feature packs)::
     ROOT/slowfast_features/{vid}.npz     key "features", (T, 2304)     .npy accepted as a fallback
     ROOT/clip_features/{vid}.npz         key "features", (T, 512)
     ROOT/clip_text_features/qid{qid}.npz key "last_hidden_state", (N, 512)   TACoS: {qid}.npz
-    ROOT/pann_features/{vid}.npy         optional audio, (T, 2048)
     TVSum: ROOT/video_features/{vid}_rgb.npy + {vid}_opt.npy (concatenated, 2048), query_features/{qid}.npz "token"
 
 Reading (exactly as the official loader): each video modality is truncated to ``max_v_l``, cast to float32 and
@@ -59,8 +58,9 @@ class FeatureSpec:
     """What the features on disk look like and how they are read (the "feature contract").
 
     ``video_parts`` maps a video dir to the file stems concatenated into that modality (default
-    ``["{vid}"]``; TVSum: ``["{vid}_rgb", "{vid}_opt"]``). ``video_dims`` / ``text_dim`` / ``audio_dim`` are the
-    per-modality channel counts (None = unknown: :meth:`resolve` reads them from the files).
+    ``["{vid}"]``; TVSum: ``["{vid}_rgb", "{vid}_opt"]``). ``video_dims`` / ``text_dim`` are the per-modality
+    channel counts (None = unknown: :meth:`resolve` reads them from the files). Audio features are not read
+    (the model has no audio branch); contracts saved with ``audio_dir: None`` still load.
     """
 
     video_dirs: list[str] = field(default_factory=lambda: ["slowfast_features", "clip_features"])
@@ -69,10 +69,8 @@ class FeatureSpec:
     text_pattern: str = "qid{qid}"
     video_key: str = "features"
     video_parts: dict[str, list[str]] = field(default_factory=dict)
-    audio_dir: str | None = None
     video_dims: list[int] | None = None
     text_dim: int | None = None
-    audio_dim: int | None = None
     use_tef: bool = True
     normalize_video: bool = True
     normalize_text: bool = True
@@ -109,6 +107,11 @@ class FeatureSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
         fields = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        for legacy in ("audio_dir", "audio_dim"):  # written by older versions, always None there
+            value = d.pop(legacy, None)
+            if value is not None:
+                raise ValueError(f"FeatureSpec {legacy}={value!r}: audio features are not supported")
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"unknown FeatureSpec field(s) {unknown}; valid: {sorted(fields)}")
@@ -132,15 +135,6 @@ class FeatureSpec:
         if self.text_dim is None:
             raise DataError(f"text feature dim of {self.text_dir}/ is unknown; pass text_dim or call spec.resolve(root)")
         return self.text_dim
-
-    @property
-    def a_feat_dim(self) -> int | None:
-        """Audio input dim (+2 TEF like the official audio loader), or None without audio."""
-        if self.audio_dir is None:
-            return None
-        if self.audio_dim is None:
-            raise DataError(f"audio feature dim of {self.audio_dir}/ is unknown; pass audio_dim or call spec.resolve(root)")
-        return self.audio_dim + (2 if self.use_tef else 0)
 
     def parts(self, vdir: str) -> list[str]:
         return self.video_parts.get(vdir, ["{vid}"])
@@ -169,8 +163,6 @@ class FeatureSpec:
             new.video_dims = None if any(d is None for d in dims) else dims
         if new.text_dim is None:
             new.text_dim = _discover_dim(root / self.text_dir, "*", self.text_key)
-        if new.audio_dir is not None and new.audio_dim is None:
-            new.audio_dim = _discover_dim(root / new.audio_dir, "*", self.video_key)
         return new
 
 
@@ -192,7 +184,7 @@ def feature_spec_for(dataset: str, root: str | os.PathLike | None = None, **over
     Without ``root`` the usual dims are filled in (SlowFast 2304 + CLIP 512, text 512; TVSum I3D 2048). With
     ``root`` the dims are read from the files there (falling back to the usual ones for an empty folder), and
     for the synthetic set the clip length is taken from its manifest. ``overrides`` set any field, e.g.
-    ``audio_dir="pann_features"``.
+    ``max_v_l=-1``.
     """
     name = canonical_dataset(dataset)
     base = dict(_STANDARD[name])
@@ -281,7 +273,7 @@ def _npy_header_shape(f) -> tuple[int, ...]:
 
 
 def _as_2d(arr: np.ndarray, path: Any, what: str) -> np.ndarray:
-    if arr.ndim == 3 and arr.shape[0] == 1:  # stray leading batch dim (the official audio loader drops it too)
+    if arr.ndim == 3 and arr.shape[0] == 1:  # stray leading batch dim (the official loaders drop it too)
         arr = arr[0]
     if arr.ndim != 2:
         raise DataError(f"{path}: {what} must be a 2-D (length, channels) array, got shape {tuple(arr.shape)}")
@@ -298,19 +290,28 @@ def _check_finite(arr: np.ndarray, path: Any, what: str) -> None:
         raise DataError(f"{path}: {what} has NaN/inf values in {bad} of {arr.shape[0]} rows")
 
 
-_DISCOVERY_TRIES = 20  # unreadable files skipped while discovering dims (the check CLI reports them)
+_DISCOVERY_TRIES = 20  # files sampled while discovering dims (the check CLI reports the odd ones out)
+
+
+def _most_common(dims: list[int]) -> int | None:
+    """The dim most sampled files agree on (the first seen on ties): one bad first file must not define the
+    contract for all the others."""
+    if not dims:
+        return None
+    return max(dict.fromkeys(dims), key=dims.count)
 
 
 def _discover_dim(folder: Path, glob: str, key: str) -> int | None:
     if not folder.is_dir():
         return None
     paths = sorted(p for p in folder.glob(glob) if p.suffix in _FEATURE_EXTS)
+    dims = []
     for path in paths[:_DISCOVERY_TRIES]:
         try:
-            return int(read_array_shape(path, key)[-1])
+            dims.append(int(read_array_shape(path, key)[-1]))
         except DataError:
             continue
-    return None
+    return _most_common(dims)
 
 
 def _discover_video_dim(root: Path, vdir: str, parts: list[str], key: str) -> int | None:
@@ -320,14 +321,15 @@ def _discover_video_dim(root: Path, vdir: str, parts: list[str], key: str) -> in
     prefix, _, suffix = parts[0].partition("{vid}")
     if not folder.is_dir():
         return None
-    for path in sorted(p for p in folder.glob(f"{prefix}*{suffix}.*") if p.suffix in _FEATURE_EXTS):
+    dims = []
+    for path in sorted(p for p in folder.glob(f"{prefix}*{suffix}.*") if p.suffix in _FEATURE_EXTS)[:_DISCOVERY_TRIES]:
         vid = path.stem[len(prefix): len(path.stem) - len(suffix)]
         try:
             files = [find_feature_file(folder, p.format(vid=vid), "") for p in parts]
-            return sum(int(read_array_shape(f, key)[-1]) for f in files)
+            dims.append(sum(int(read_array_shape(f, key)[-1]) for f in files))
         except DataError:
             continue
-    return None
+    return _most_common(dims)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -409,14 +411,6 @@ def prepare_video(video: Any, spec: FeatureSpec, name: str = "video") -> np.ndar
 def prepare_text(tokens: Any, spec: FeatureSpec, name: str = "query") -> np.ndarray:
     """Raw in-memory (N, Dt) token features -> the model input (truncated to max_q_l, normalised per token)."""
     return _assemble_modality([np.asarray(tokens)], name, spec.max_q_l, spec.normalize_text, spec.text_dim, "text features")
-
-
-def read_audio_features(root: str | os.PathLike, vid: str, spec: FeatureSpec) -> np.ndarray:
-    """(T, audio_dim) float32 normalised audio (no TEF; :class:`MomentDataset` cuts it to the video and adds TEF)."""
-    if spec.audio_dir is None:
-        raise DataError("this FeatureSpec has no audio_dir")
-    return _read_modality(Path(root) / spec.audio_dir, [vid], spec.video_key, spec.max_video_len,
-                          spec.normalize_video, spec.audio_dim, f"audio features ({spec.audio_dir}) of vid {vid!r}")
 
 
 def read_text_features(root: str | os.PathLike, qid: Any, spec: FeatureSpec) -> np.ndarray:

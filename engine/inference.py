@@ -47,32 +47,15 @@ from reference import LDDETR
 from reference.validate import check_input_shapes
 
 from .checkpoint import load_checkpoint
+from .cli import to_dtype
 from .fused import FusedLDDETR
 
-#: one name per precision, as every CLI spells it (``--dtype``)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)
 # default largest batch captured in a CUDA graph: even B=256 is launch-bound in eager (H200, run4: bf16
 # 27.7 ms eager vs 11.2 ms replayed), so graphs pay at every batch size measured
 GRAPH_MAX_BATCH = 256
 GRAPH_MAX_SHAPES = 64  # captured shapes kept before the oldest is dropped (each holds its static buffers)
 COMPILE_MODES = (None, False, True, "model", "decoder")
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"fp32" | "bf16" | "fp16" (or float32/bfloat16/float16) -> the torch dtype; anything else: ValueError."""
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
-    if isinstance(dtype, str) and dtype.lower() in aliases:
-        return DTYPES[aliases[dtype.lower()]]
-    raise ValueError(f"dtype must be one of {'|'.join(DTYPES)} (or the torch dtype), got {dtype!r}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 class _CapturedForward:
@@ -256,7 +239,7 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
             raise TypeError(f"build() got an unexpected keyword argument {old!r}")
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be None, True, 'model' or 'decoder', got {compile!r}")
-    dtype = resolve_dtype(dtype)
+    dtype = to_dtype(dtype)
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
         model, _ = load_checkpoint(model_or_checkpoint)
     elif isinstance(model_or_checkpoint, LDDETR):

@@ -17,10 +17,11 @@ query: the saliency curve, the predicted windows and, when known, the ground tru
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,7 @@ import torch
 import kernels
 from reference import LDDETR, validate_inputs
 
+from . import cli
 from .atomic import atomic_open, save_jsonl
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, FeatureSpec, MomentDataset, find_split, load_annotations, make_loader, prepare_text, prepare_video
@@ -38,27 +40,68 @@ from .inference import build
 from .postprocess import to_records
 
 
+def _compile_mode(compile: bool | str | None) -> str | None:
+    """``compile=`` of the API / ``--compile`` -> what :func:`engine.inference.build` takes."""
+    if compile is None or compile is False:
+        return None
+    return "model" if compile is True else compile
+
+
 class Predictor:
-    """A loaded model plus its feature contract, ready for raw features."""
+    """A loaded model plus its feature contract, ready for raw features.
+
+    ``dtype``: "fp32" | "bf16" | "fp16" (or a torch dtype), ``compile``: None / False, True (= "model"): both
+    passed to :func:`engine.inference.build`. ``dataset`` picks the official post-processing (QVHighlights /
+    Charades clamp to 150 s, TACoS does not; Charades / TACoS results carry no saliency).
+    """
 
     def __init__(self, model: LDDETR, spec: FeatureSpec, dataset: str = "qvhighlights",
-                 device: str | torch.device | None = None, kernels_backend: str = "auto"):
+                 device: str | torch.device | None = None, backend: str = "auto",
+                 dtype: str | torch.dtype = "fp32", compile: bool | str | None = None, *,
+                 kernels_backend: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build(model, device=self.device, backend=kernels_backend)  # inference engine (the fused model)
+        backend = kernels_backend or backend  # old name, kept as an alias
+        self.model = build(model, device=self.device, backend=backend, dtype=cli.to_dtype(dtype),
+                           compile=_compile_mode(compile))  # inference engine (the fused model)
         self.spec = spec
         self.dataset = dataset
         spec.check_config(model.cfg)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        kernels_backend: str = "auto") -> "Predictor":
+                        backend: str = "auto", dtype: str | torch.dtype = "fp32",
+                        compile: bool | str | None = None, *, kernels_backend: str | None = None) -> "Predictor":
         model, meta = load_checkpoint(path)
         contract = meta.get("feature_contract")
         if contract is None:
             raise CheckpointError(f"{path}: checkpoint has no feature contract; cannot prepare raw features")
         dataset = (meta.get("meta") or {}).get("dataset", "qvhighlights")
         return cls(model, FeatureSpec.from_dict(contract), dataset=dataset, device=device,
-                   kernels_backend=kernels_backend)
+                   backend=kernels_backend or backend, dtype=dtype, compile=compile)
+
+    def _duration(self, video: Mapping[str, Any] | np.ndarray, duration: float | None) -> float:
+        """Seconds the model's windows are scaled by: the given duration, or T x clip length; a video longer
+        than the clip cap is cut to it with a warning (the windows then cover only its beginning)."""
+        clip = self.spec.clip_length
+        arrays = list(video.values()) if isinstance(video, Mapping) else [video]
+        t_raw = min(int(np.shape(a)[0]) for a in arrays) if arrays else 0
+        if duration is not None:
+            try:
+                duration = float(duration)
+            except (TypeError, ValueError):
+                raise ValueError(f"predict: duration must be a number of seconds, got {duration!r}") from None
+            if not (duration > 0 and math.isfinite(duration)):
+                raise ValueError(f"predict: duration must be a finite number of seconds > 0, got {duration}")
+            if t_raw and abs(duration - t_raw * clip) > 2 * clip:
+                warnings.warn(f"predict: duration {duration:g} s disagrees with the video's {t_raw} clips x {clip:g} s "
+                              f"= {t_raw * clip:g} s; the windows are scaled by {duration:g} s", UserWarning, stacklevel=3)
+        dur = duration if duration is not None else t_raw * clip
+        cap = self.spec.max_video_len
+        if cap is not None and t_raw > cap:
+            warnings.warn(f"predict: the video has {t_raw} clips, more than the model's max_v_l={cap}: only its first "
+                          f"{cap * clip:g} s are seen, and the windows cover only that part", UserWarning, stacklevel=3)
+            dur = min(dur, cap * clip)
+        return dur
 
     @torch.no_grad()
     def predict(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
@@ -67,12 +110,14 @@ class Predictor:
 
         ``video``: {feature dir name: (T, D) array} as stored on disk, or one (T, D) array when the contract
         has a single video feature. ``query_tokens``: per query a (N, Dt) token-feature array.
-        ``duration`` defaults to T * clip_length.
+        ``duration`` defaults to T * clip_length; NaN / <= 0 is refused. A video longer than the model's clip
+        cap is cut to it with a warning (windows cover only the part the model saw).
         """
         if len(query_tokens) == 0:
             raise ValueError("predict: no queries given")
         if queries is not None and len(queries) != len(query_tokens):
             raise ValueError(f"predict: {len(queries)} query strings for {len(query_tokens)} query feature arrays")
+        dur = self._duration(video, duration)
         v = torch.from_numpy(prepare_video(video, self.spec, name="video"))[None]  # (1, T, Dv)
         texts = [prepare_text(np.asarray(q, dtype=np.float32), self.spec, name=f"query {i}")
                  for i, q in enumerate(query_tokens)]
@@ -86,12 +131,10 @@ class Predictor:
         ids = list(queries) if queries is not None else list(range(len(texts)))
         validate_inputs(v.expand(len(texts), -1, -1), video_mask.expand(len(texts), -1), text, text_mask, ids=ids)
         out = self.model(v.to(self.device), video_mask.to(self.device), text.to(self.device), text_mask.to(self.device))
-        dur = float(duration) if duration is not None else v.shape[1] * self.spec.clip_length
         meta = [{"qid": i, "query": (queries[i] if queries is not None else ""), "vid": "", "duration": dur}
                 for i in range(len(texts))]
-        recs = to_records(out, meta, dataset="synthetic" if self.dataset == "synthetic" else "qvhighlights",
-                          clip_length=self.spec.clip_length)
-        return [{"query": r["query"], "windows": r["pred_relevant_windows"], "saliency": r["pred_saliency_scores"]}
+        recs = to_records(out, meta, dataset=self.dataset, clip_length=self.spec.clip_length)
+        return [{"query": r["query"], "windows": r["pred_relevant_windows"], "saliency": r.get("pred_saliency_scores")}
                 for r in recs]
 
 
@@ -126,47 +169,73 @@ def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Pat
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = cli.parser("python -m engine.predict", __doc__.split("\n\n")[0],
+                   "python -m engine.predict --ckpt runs/qvhl/best.pt --data-root features/qvhighlight --split val "
+                   "--out preds.jsonl")
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by engine.train (best.pt)")
     p.add_argument("--data-root", type=Path, required=True, help="feature root of the data to predict on")
     p.add_argument("--split", default="val", help="which annotation file in --data-root (*{split}*.jsonl)")
     p.add_argument("--ann", type=Path, default=None, help="annotation jsonl (overrides --split)")
-    p.add_argument("--out", type=Path, required=True, help="output jsonl (official submission format)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, required=True, help="a file: the predictions, official submission jsonl")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32)
+    p.add_argument("--dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",
+                   help="inference precision (bf16 / fp16: autocast with half weights)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the whole forward (fullgraph)")
+    cli.add_device(p)
     p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
                    help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
-    p.add_argument("--plot", type=Path, default=None, help="write one PNG per query into this folder")
+    p.add_argument("--plot", type=Path, default=None, help="a folder: one PNG per query")
     p.add_argument("--max-plots", type=int, default=50, help="at most this many PNGs")
-    args = p.parse_args(argv)
+    cli.add_quiet(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        predictor = Predictor.from_checkpoint(args.ckpt, device=args.device, kernels_backend=args.kernels)
+        device = cli.resolve_device(args.device)
+        cli.check_writable(args.out)
+        if args.plot is not None:
+            cli.check_writable(args.plot, is_dir=True)
+        predictor = Predictor.from_checkpoint(args.ckpt, device=device, backend=args.kernels,
+                                              dtype=args.dtype, compile=args.compile)
         ann_file = args.ann or find_split(args.data_root, args.split)
         ann = load_annotations(ann_file)
         ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)
         loader = make_loader(ds, args.batch_size, shuffle=False, num_workers=0, seed=0, device=predictor.device)
         from .train import predict_loader
 
-        records = predict_loader(predictor.model, loader, predictor.device, predictor.model.cfg, predictor.dataset,
-                                 progress=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = predict_loader(predictor.model, loader, predictor.device, predictor.model.cfg,
+                                     predictor.dataset, progress=not args.quiet)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
         save_jsonl(records, args.out)
-        print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
+        if not args.quiet:
+            print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
         has_gt = all(a.get("relevant_windows") for a in ann)
         if has_gt:
             ds_name = "qvhighlights" if predictor.dataset == "synthetic" else predictor.dataset
-            print(json.dumps(evaluate(records, ann, dataset=ds_name)["brief"], indent=2))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # padding notes: the evaluate CLI prints them
+                print(json.dumps(evaluate(records, ann, dataset=ds_name)["brief"], indent=2))
         if args.plot is not None:
             args.plot.mkdir(parents=True, exist_ok=True)
             by_qid = {a["qid"]: a for a in ann}
             for r in records[: args.max_plots]:
                 plot_prediction(r, by_qid.get(r["qid"]) if has_gt else None, predictor.spec.clip_length,
                                 args.plot / f"qid{r['qid']}.png")
-            print(f"wrote {min(len(records), args.max_plots)} plots to {args.plot}", file=sys.stderr)
+            if not args.quiet:
+                print(f"wrote {min(len(records), args.max_plots)} plots to {args.plot}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except OSError as e:
+        return cli.fail(cli.os_error_line(e))
     except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

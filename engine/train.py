@@ -1,4 +1,4 @@
-"""Training CLI: ``python -m engine.train [--compile] [--amp bf16] ...`` (spec ``ld-detr-code.md`` §4).
+"""Training CLI: ``python -m engine.train [--compile] [--dtype bf16] ...`` (spec ``ld-detr-code.md`` §4).
 
 With no data flags it trains on the built-in synthetic dataset (generated once and cached), evaluating every
 epoch; with ``--data-root`` / ``--train-file`` / ``--val-file`` it trains on any dataset in the standard
@@ -15,6 +15,10 @@ Written into ``--out``::
     train.log, tb/          plain-text log and TensorBoard scalars
 
 Multi-GPU / multi-process: ``torchrun --nproc_per_node=N -m engine.train ...`` (DDP; gloo on CPU).
+
+Both splits are validated before the first step (the check of ``python -m engine.data check``, cached); a
+failing evaluation is reported in one line after the epoch's ``latest.pt`` is written; Ctrl-C prints the
+``--resume`` command; leftover ``.tmp`` files of a killed checkpoint write are removed on the next start.
 """
 
 from __future__ import annotations
@@ -36,13 +40,15 @@ import torch
 from tqdm import tqdm
 
 import kernels
-from reference import LDDETR, LDDETRConfig, warmup_alpha
+from reference import LDDETR, PRESETS, LDDETRConfig, warmup_alpha
 from reference.losses import build_criterion
 
+from . import cli
 from . import distributed as dist_utils
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
-from .atomic import save_json, save_jsonl
+from .data import FeatureSpec, MomentDataset, feature_spec_for, load_annotations, make_loader
+from .atomic import remove_stale_tmp, save_json, save_jsonl
+from .train_guard import TrainError, any_rank, check_run_flags, error_line, eval_failure, seen_meta, validate_data
 from .evaluate import evaluate
 from .postprocess import to_records
 
@@ -59,16 +65,16 @@ SYNTHETIC_OVERRIDES = dict(
 )
 
 
-class TrainError(RuntimeError):
-    """A problem the user can fix (bad flags, mismatching data); printed without a traceback."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m engine.train", "Train LD-DETR: the built-in synthetic job without data flags, or any "
+                   "dataset in the Moment-DETR / QD-DETR feature layout; the best checkpoint is chosen on the "
+                   "validation split.",
+                   "python -m engine.train --dataset qvhighlights --data-root features/qvhighlight "
+                   "--train-file data/highlight_train_release.jsonl --val-file data/highlight_val_release.jsonl "
+                   "--out runs/qvhl")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default=None,
                    help="dataset format (default: synthetic without --data-root, else qvhighlights)")
@@ -79,28 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-dir", type=Path, default=None,
                    help="where the built-in synthetic dataset is cached (default: $LD_DETR_CACHE or ~/.cache/ld_detr)")
     m = p.add_argument_group("model / optimisation")
-    m.add_argument("--preset", default=None, help="config preset (default: from --dataset)")
+    m.add_argument("--preset", default=None, type=_preset_arg, choices=sorted(PRESETS),
+                   help="config preset (default: from --dataset)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any LDDETRConfig field, e.g. --set decoder_loops=1 (repeatable)")
-    m.add_argument("--epochs", type=int, default=None, help="default: the preset's n_epoch")
-    m.add_argument("--batch-size", type=int, default=None, help="default: the preset's bsz (32)")
-    m.add_argument("--lr", type=float, default=None, help="default: the preset's lr (1e-4)")
+    m.add_argument("--epochs", type=cli.positive_int, default=None, help="default: the preset's n_epoch")
+    m.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: the preset's bsz (32)")
+    m.add_argument("--lr", type=cli.positive_float, default=None, help="default: the preset's lr (1e-4)")
+    m.add_argument("--early-stop", type=int, default=None, metavar="N",
+                   help="stop after N evaluations without a better selection metric (<= 0: never; "
+                        "default: the preset's max_es_cnt, 200)")
     m.add_argument("--seed", type=int, default=2024)
     r = p.add_argument_group("run")
-    r.add_argument("--out", type=Path, default=Path("runs/ld_detr"), help="output folder")
+    r.add_argument("--out", type=Path, default=Path("runs/ld_detr"),
+                   help="a folder: checkpoints, predictions, metrics and logs go there")
     r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (CPU inductor or CUDA)")
     r.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
-    r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    r.add_argument("--dtype", "--amp", dest="dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",
+                   help="training precision: fp32, or bf16 / fp16 autocast")
     r.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
                    help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    cli.add_device(r)
+    r.add_argument("--eval-every", type=cli.positive_int, default=1, help="evaluate every N epochs (and after the last)")
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--debug-dump-queue", action="store_true", help=argparse.SUPPRESS)  # tests: per-rank queue
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli.add_quiet(r)
     return p
+
+
+def _preset_arg(value: str) -> str:
+    from reference.config import _PRESET_ALIASES
+
+    key = value.lower().replace("-", "_")
+    return _PRESET_ALIASES.get(key, key)
+
+
+def _amp(args: argparse.Namespace) -> str:
+    """``--dtype`` as the autocast mode the step takes: "off", "bf16" or "fp16"."""
+    return "off" if args.dtype == "fp32" else args.dtype
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -178,8 +202,8 @@ def build_config(args: argparse.Namespace, data: DataSetup) -> LDDETRConfig:
     overrides.update(v_feat_dim=data.spec.v_feat_dim, t_feat_dim=data.spec.t_feat_dim,
                      clip_length=data.spec.clip_length, max_v_l=data.spec.max_v_l, max_q_l=data.spec.max_q_l)
     overrides.update(_parse_overrides(args.overrides))
-    for flag, field_name in (("epochs", "n_epoch"), ("batch_size", "bsz"), ("lr", "lr")):
-        if getattr(args, flag) is not None:
+    for flag, field_name in (("epochs", "n_epoch"), ("batch_size", "bsz"), ("lr", "lr"), ("early_stop", "max_es_cnt")):
+        if getattr(args, flag, None) is not None:
             overrides[field_name] = getattr(args, flag)
     try:
         return LDDETRConfig.preset(preset, **overrides)
@@ -281,15 +305,26 @@ def make_optimizer(params: list, lr: float, weight_decay: float, device: torch.d
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader, device: torch.device, cfg: LDDETRConfig, dataset: str,
                    amp: str = "off", progress: bool = False) -> list[dict]:
-    """Run ``model`` (eval mode) over a loader and return official submission records."""
+    """Run ``model`` (eval mode) over a loader and return official submission records.
+
+    A video longer than the clip cap was cut to it by the loader: its windows are scaled by the part the model
+    saw (``max_v_l`` x clip length), not by the full duration, with one warning naming the queries."""
     model.eval()
     records: list[dict] = []
+    cut: list = []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        meta = seen_meta(batch["meta"], batch["video_mask"].sum(1).tolist(), cfg, cut)
         batch = _to_device(batch, device)
         with _autocast(device, amp):
             out = model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"])
-        records += to_records(out, batch["meta"], dataset=dataset, clip_length=cfg.clip_length, nms_thd=cfg.nms_thd,
+        records += to_records(out, meta, dataset=dataset, clip_length=cfg.clip_length, nms_thd=cfg.nms_thd,
                               max_before_nms=cfg.max_before_nms, max_after_nms=cfg.max_after_nms)
+    if cut:
+        import warnings
+
+        warnings.warn(f"{len(cut)} video(s) longer than max_v_l={cfg.max_v_l} clips: the model saw only their first "
+                      f"{cfg.max_v_l * cfg.clip_length:g} s and their windows cover only that part (qids "
+                      f"{cut[:5]}{' ...' if len(cut) > 5 else ''})", UserWarning, stacklevel=2)
     return records
 
 
@@ -305,12 +340,13 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
 
     ``stop_after_epoch`` ends the run early after that epoch (simulates an interruption in tests).
     """
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, out = check_run_flags(args)
     distributed = dist_utils.init_from_env(device)
     device = dist_utils.local_device(device)
     main_proc = dist_utils.is_main()
-    out: Path = args.out
     if main_proc:
+        for p in remove_stale_tmp(out):  # a checkpoint write killed with -9 leaves its temporary file
+            print(f"removed {p.name}, left by an interrupted write", file=sys.stderr)
         _setup_logging(out, args.quiet)
     else:
         log.handlers.clear()
@@ -319,6 +355,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
     try:
         data = resolve_data(args)
         cfg = build_config(args, data)
+        validate_data(data, quiet=args.quiet or not main_proc)
         _seed_everything(args.seed)
         resume_ckpt = None
         if args.resume is not None:
@@ -333,7 +370,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
                 raise TrainError(f"--resume {args.resume}: its config differs from this run's (checkpoint, now): {diff}")
             contract = resume_ckpt.get("feature_contract")
-            if contract is not None and contract != data.spec.to_dict():
+            if contract is not None and FeatureSpec.from_dict(contract).to_dict() != data.spec.to_dict():
                 raise TrainError(f"--resume {args.resume}: trained on a different feature contract "
                                  f"({contract}) than this data ({data.spec.to_dict()})")
 
@@ -356,7 +393,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.lr, cfg.wd, device)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        amp = _amp(args)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         state = {"epoch": 0, "best": -math.inf, "best_epoch": None, "history": [], "best_metrics": None}
         if resume_ckpt is not None:
             model.load_state_dict(resume_ckpt["model"])
@@ -377,7 +415,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
 
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
-                     f"device {device}{' x' + str(dist_utils.world_size()) if distributed else ''}; amp {args.amp}; "
+                     f"device {device}{' x' + str(dist_utils.world_size()) if distributed else ''}; dtype {args.dtype}; "
                      f"compile {args.compile}; kernels {args.kernels} -> "
                      f"{kernels.resolve_backend(args.kernels, device)}")
             log.info(f"model: {model.num_parameters():,} trainable parameters; decoder_loops {cfg.decoder_loops}; "
@@ -409,7 +447,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
                 try:
                     losses = train_step(run_model, criterion, optimizer, scaler, params, batch, alpha=alpha,
-                                        amp=args.amp, device=device, grad_clip=cfg.grad_clip, compiled=args.compile)
+                                        amp=amp, device=device, grad_clip=cfg.grad_clip, compiled=args.compile)
                 except FloatingPointError as e:  # NaN predictions reach the matcher before the deferred check
                     raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {e}") from None
                 loss = losses["loss"]
@@ -448,10 +486,16 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch + 1)
 
             last = epoch + 1 == cfg.n_epoch or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
+            eval_error, metrics = None, None
             if main_proc and ((epoch + 1) % args.eval_every == 0 or last):
                 t_eval = time.perf_counter()
-                records = predict_loader(model, val_loader, device, cfg, data.dataset, args.amp)
-                metrics = evaluate(records, val_ann, dataset=eval_dataset)
+                try:
+                    records = predict_loader(model, val_loader, device, cfg, data.dataset, amp)
+                    metrics = evaluate(records, val_ann, dataset=eval_dataset)
+                except (ValueError, RuntimeError) as e:  # reported after latest.pt is written, below
+                    eval_error = e
+            if metrics is not None:
+                state["since_best"] = state.get("since_best", 0) + 1
                 brief = metrics["brief"]
                 entry["metrics"] = brief
                 entry["eval_time_s"] = round(time.perf_counter() - t_eval, 2)
@@ -462,7 +506,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                         writer.add_scalar(f"val/{k}", v, epoch + 1)
                 score = brief.get(best_key, -math.inf)
                 if score > state["best"]:
-                    state.update(best=score, best_epoch=epoch + 1, best_metrics=brief)
+                    state.update(best=score, best_epoch=epoch + 1, best_metrics=brief, since_best=0)
                     save_checkpoint(model, out / "best.pt", feature_contract=data.spec.to_dict(), epoch=epoch + 1,
                                     metrics=brief, dataset=data.dataset)
                     save_jsonl(records, out / "best_val_preds.jsonl")
@@ -477,6 +521,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 save_json({"best_epoch": state["best_epoch"], "best": state["best_metrics"], "history": state["history"]},
                           out / "metrics.json")
             dist_utils.barrier()
+            if any_rank(eval_error is not None, device):
+                raise TrainError(eval_failure(epoch + 1, eval_error, out))
+            if any_rank(main_proc and 0 < cfg.max_es_cnt <= state.get("since_best", 0), device):
+                log.info(f"early stop: no better {best_key} in the last {cfg.max_es_cnt} evaluation(s) "
+                         f"(--early-stop {cfg.max_es_cnt}); best epoch {state['best_epoch']}")
+                break
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         if writer is not None:
@@ -495,9 +545,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = train(args)
-    except (TrainError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        latest = Path(args.out) / "latest.pt"
+        how = (f"continue with the same command plus --resume {latest}" if latest.is_file()
+               else "no epoch finished, so there is nothing to resume")
+        print(f"\ninterrupted: {how}", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
+    except Exception as e:
+        line = error_line(e)
+        if line is None:
+            raise
+        return cli.fail(line)
     if dist_utils.is_main() and summary["best"]:
         print(json.dumps(summary["best"], indent=2))
     return 0

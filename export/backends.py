@@ -40,8 +40,12 @@ def export_program(prepared: Prepared, *, dynamic: bool, batch: int, max_video_l
 
 
 def export_aoti(prepared: Prepared, out: str | os.PathLike, *, dynamic: bool = True, batch: int = 1,
-                max_video_len: int = 75, text_len: int = 32) -> Path:
-    program = export_program(prepared, dynamic=dynamic, batch=batch, max_video_len=max_video_len, text_len=text_len)
+                max_video_len: int | None = None, text_len: int = 32) -> Path:
+    """``max_video_len``: the static video length (default: the model's clip cap)."""
+    from .formats import video_len
+
+    program = export_program(prepared, dynamic=dynamic, batch=batch, max_video_len=video_len(prepared.cfg, max_video_len),
+                             text_len=text_len)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -67,6 +71,13 @@ def aoti_runner(path: str | os.PathLike, device: str = "cpu"):
 # ---------------------------------------------------------------------------------------------------------
 # TensorRT: ONNX -> engine through the TensorRT Python API (10 and 11), optimisation profiles
 # ---------------------------------------------------------------------------------------------------------
+def require(package: str):
+    """The optional ``package`` a format needs (only "tensorrt"), or MissingDependency."""
+    if package != "tensorrt":
+        raise ValueError(f"unknown export dependency {package!r}")
+    return require_tensorrt()
+
+
 def require_tensorrt():
     try:
         import tensorrt as trt
@@ -79,18 +90,40 @@ def require_tensorrt():
 
 
 def build_trt_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32",
-                     workspace_gb: float = 4.0, shapes: dict[str, tuple[tuple, tuple, tuple]]) -> Path:
+                     workspace_gb: float = 4.0, shapes: dict[str, tuple[tuple, tuple, tuple]], trt=None) -> Path:
     """Parse the ONNX file and build a serialized engine. ``shapes``: input name -> (min, opt, max) shapes.
-    TensorRT 11 dropped the FP16/BF16 builder flags in favour of strongly typed networks: there the precision
-    comes from the ONNX graph's own types (export with --half), on 10 from the builder flag."""
-    trt = require_tensorrt()
+
+    ``precision`` is the ONNX graph's own type ("fp32", or "fp16" / "bf16" for a half export): the network is
+    strongly typed, so TensorRT 10 and 11 alike build exactly that precision (11 dropped the FP16/BF16 builder
+    flags; on 10 a flag over an fp32 graph would let it pick fp32 layers anyway). ``trt``: the tensorrt module
+    (tests pass a stub)."""
+    trt = trt or require_tensorrt()
+    network, config, builder = trt_network_and_config(trt, onnx_path, precision=precision, workspace_gb=workspace_gb,
+                                                      shapes=shapes)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.trt.tmp")
+    try:
+        tmp.write_bytes(bytes(serialized))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def trt_network_and_config(trt, onnx_path: str | os.PathLike, *, precision: str, workspace_gb: float,
+                           shapes: dict[str, tuple[tuple, tuple, tuple]]):
+    """(network, builder config, builder) for the ONNX file: strongly typed where TensorRT has the flag
+    (>= 9), else the FP16/BF16 builder flag for a half precision; one optimisation profile from ``shapes``."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    strongly_typed = major >= 11 or precision == "fp32"
-    flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
@@ -98,20 +131,13 @@ def build_trt_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, pr
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not strongly_typed:
+    if not strongly_typed and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out)
-    return out
+    return network, config, builder
 
 
 def trt_runner(path: str | os.PathLike):
@@ -125,7 +151,9 @@ def trt_runner(path: str | os.PathLike):
     dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
 
     def run(*inputs):
-        feeds = {n: t.cuda().contiguous() for n, t in zip(INPUT_NAMES, inputs)}
+        # float features go in as the engine's own input type (fp16 / bf16 for a half engine)
+        feeds = {n: (t.to(dtypes.get(engine.get_tensor_dtype(n), t.dtype)) if t.is_floating_point() else t)
+                 .cuda().contiguous() for n, t in zip(INPUT_NAMES, inputs)}
         for n, t in feeds.items():
             context.set_input_shape(n, tuple(t.shape))
             context.set_tensor_address(n, t.data_ptr())

@@ -15,28 +15,31 @@ from .model import INPUT_NAMES, OUTPUT_NAMES, Prepared, example_inputs
 
 def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None = None, dynamic: bool = True,
                 batch: int = 1, max_video_len: int | None = None, text_len: int = 32,
-                simplify: bool = False, half: bool = False) -> Path:
+                simplify: bool = False, half: bool = False, dtype: str = "fp32") -> Path:
     """Write ``out`` (.onnx). ``dynamic``: batch, video length (2..max_video_len) and text length are
     symbolic; otherwise the graph is fixed at (batch, max_video_len, text_len) and shorter videos/queries are
-    passed padded with their masks (the model is padding-invariant). ``half``: fp16 weights, features and
-    outputs (masks stay bool; every additive mask in the model is finite in fp16)."""
+    passed padded with their masks (the model is padding-invariant). ``dtype`` "fp16" / "bf16" (``half``:
+    "fp16"): weights, features and outputs in that type (masks stay bool; every additive mask in the model is
+    finite in fp16). ``max_video_len`` defaults to the model's clip cap; an uncapped model needs it."""
     import onnx
 
+    from engine.cli import DTYPES
+
+    from .formats import video_len
+
+    dtype = "fp16" if half else dtype
     cfg = prepared.cfg
-    limit = cfg.max_video_len or 75
-    t = max_video_len or limit
-    if t > limit:
-        raise ValueError(f"--max-video-len {t} exceeds the model's max video length {limit}")
+    t = video_len(cfg, max_video_len)
     module = prepared.module
-    if half:  # native fp16 weights; the fused model keeps its fp32 islands (reference points, slice bounds)
+    if dtype != "fp32":  # native half weights; the fused model keeps its fp32 islands (reference points, bounds)
         module = copy.deepcopy(module)
-        module.model.to_dtype(torch.float16)
-    x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len,
-                       dtype=torch.float16 if half else torch.float32)
+        inner = module.model
+        inner.to_dtype(DTYPES[dtype]) if hasattr(inner, "to_dtype") else inner.to(DTYPES[dtype])
+    x = example_inputs(cfg, max(batch, 2) if dynamic else batch, t, text_len, dtype=DTYPES[dtype])
     kwargs = {}
     if dynamic:
         b_dim = torch.export.Dim("batch", min=1, max=4096)
-        t_dim = torch.export.Dim("video_len", min=2, max=limit)
+        t_dim = torch.export.Dim("video_len", min=2, max=cfg.max_video_len or t)
         n_dim = torch.export.Dim("text_len", min=1, max=1024)
         kwargs["dynamic_shapes"] = ({0: b_dim, 1: t_dim}, {0: b_dim, 1: t_dim}, {0: b_dim, 1: n_dim},
                                     {0: b_dim, 1: n_dim})
@@ -57,7 +60,7 @@ def export_onnx(prepared: Prepared, out: str | os.PathLike, *, opset: int | None
             import onnxslim
 
             model = onnxslim.slim(model)
-        for key, value in {**prepared.metadata, "ld_detr.precision": "fp16" if half else "fp32"}.items():
+        for key, value in {**prepared.metadata, "ld_detr.precision": dtype}.items():
             model.metadata_props.add(key=key, value=value)
         final = Path(tmp) / out.name
         onnx.save(model, str(final))

@@ -151,20 +151,6 @@ def test_tvsum_spec_concatenates_rgb_and_opt(tmp_path):
     assert feature_spec_for("tvsum", root=tmp_path).video_dims == [6]  # discovered from the files
 
 
-def test_audio_is_cut_to_the_video_and_gets_tef(qvh_root):
-    a = np.random.default_rng(0).standard_normal((6, 3))
-    (qvh_root / "pann_features").mkdir()
-    np.save(qvh_root / "pann_features" / "v1.npy", a)
-    spec = _spec(audio_dir="pann_features", audio_dim=3)
-    item = MomentDataset([QVH_REC], qvh_root, spec, load_labels=False)[0]
-    assert item["audio"].shape == (6, 5) and item["video"].shape == (6, SF + CL + 2) and spec.a_feat_dim == 5
-    np.testing.assert_allclose(item["video"][:, -2:], [[t / 6, (t + 1) / 6] for t in range(6)], atol=1e-7)
-    np.testing.assert_allclose(item["audio"][:, :3], _hand_norm(a), atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# feature contract
-# ---------------------------------------------------------------------------------------------------------
 def test_feature_spec_roundtrip_dims_and_check_config(tmp_path):
     spec = feature_spec_for("qvhighlights")
     assert spec.v_feat_dim == 2818 and spec.t_feat_dim == 512
@@ -405,7 +391,7 @@ def test_annotation_file_errors(tmp_path):
     with pytest.raises(DataError, match="annotation file not found"):
         load_annotations(tmp_path / "none.jsonl")
     path = _jsonl(tmp_path / "test.jsonl", [{"qid": 1, "query": "q", "duration": 150, "vid": "v"}])
-    with pytest.raises(DataError, match=r"test\.jsonl: qid 1: no relevant_windows.*load_labels=False"):
+    with pytest.raises(DataError, match=r"test\.jsonl: qid 1: no relevant_windows \(labels are needed"):
         MomentDataset(path, tmp_path, _spec())
     with pytest.raises(DataError, match="unknown dataset 'qvh'"):
         MomentDataset([QVH_REC], tmp_path, _spec(), dataset="qvh")
@@ -423,12 +409,12 @@ def _run_cli(*args):
 def test_check_cli_clean_then_missing_file(tmp_path):
     root = tmp_path / "syn"
     make_synthetic_dataset(root, **TINY)
-    ok = _run_cli("check", "--dataset", "synthetic", "--root", str(root), "--quiet")
+    ok = _run_cli("check", "--dataset", "synthetic", "--data-root", str(root), "--quiet")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "9 queries" in ok.stdout and "clean" in ok.stdout
     vid = json.loads((root / "val.jsonl").read_text().splitlines()[1])["vid"]
     (root / "clip_features" / f"{vid}.npz").unlink()
-    bad = _run_cli("check", "--dataset", "synthetic", "--root", str(root), "--quiet")
+    bad = _run_cli("check", "--dataset", "synthetic", "--data-root", str(root), "--quiet")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "missing video feature files: 1" in bad.stdout and f"{vid}.npy" in bad.stdout
 

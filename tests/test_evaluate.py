@@ -390,7 +390,7 @@ def test_saliency_length_mismatch_names_qid():
     sub, gt = _hl_case()
     sub[0] = {"qid": "a", "pred_saliency_scores": [0.1, 0.2]}  # 2 scores for 4 clips
     with pytest.raises(ValueError, match=r"qid 'a': pred_saliency_scores has 2 scores.*4 clips"):
-        evaluate_qvhighlights(sub, gt)
+        evaluate_qvhighlights(sub, gt, strict=True)
     sub[0] = {"qid": "a", "pred_saliency_scores": [0.1, float("nan"), 0.3, 0.4]}
     with pytest.raises(ValueError, match=r"qid 'a'"):
         evaluate_qvhighlights(sub, gt)
@@ -435,14 +435,14 @@ def test_load_jsonl_bad_line(tmp_path):
 def test_cli_end_to_end(tmp_path):
     sub, gt = _mr_case()
     sp, gp, out = _write_jsonl(tmp_path / "s.jsonl", sub), _write_jsonl(tmp_path / "g.jsonl", gt), tmp_path / "o" / "m.json"
-    r = _cli("--submission", sp, "--gt", gp, "--out", out)
+    r = _cli("--submission", sp, "--ann", gp, "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == evaluate_qvhighlights(sub, gt)["brief"]
     assert json.loads(out.read_text()) == evaluate_qvhighlights(sub, gt)
 
     out.write_text("old")  # a failing run must leave an existing --out untouched, with no temp file around
     _write_jsonl(sp, sub[:2])
-    r = _cli("--submission", sp, "--gt", gp, "--out", out)
+    r = _cli("--submission", sp, "--ann", gp, "--out", out)
     assert r.returncode == 2 and "missing from the submission [3]" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert out.read_text() == "old" and os.listdir(out.parent) == ["m.json"]

@@ -50,7 +50,7 @@ def test_release_loop_reproduces_official_outputs(oracle):
     }
     for key, value in got.items():
         err = float(np.abs(value.numpy() - expected[key]).max())
-        assert err <= 1e-4, f"{key}: max abs error {err:.3g}"
+        assert err <= 5e-6, f"{key}: max abs error {err:.3g}"  # the README's claim (1.9e-6 measured)
     # the official top-1 queries and clip slices (oracle README)
     lengths = inputs["src_vid_mask"].sum(1).long()
     start, stop = top1_slice_bounds(out["pred_logits"], out["pred_spans"], lengths, clip_length=2.0)
@@ -65,8 +65,8 @@ def test_align_and_sim_losses_match_official(oracle):
     vm, tm = inputs["src_vid_mask"].bool(), inputs["src_txt_mask"].bool()
     with torch.no_grad():
         loss_align, loss_sim, _, _ = model.align_losses(v, vm, t, tm, model.video_encoder(v), model.text_encoder(t), 0.4)
-    assert abs(float(loss_align) - float(expected["loss_align"])) <= 1e-4
-    assert abs(float(loss_sim) - float(expected["loss_sim"])) <= 1e-4
+    assert abs(float(loss_align) - float(expected["loss_align"])) <= 5e-6
+    assert abs(float(loss_sim) - float(expected["loss_sim"])) <= 5e-6
 
 
 def test_paper_loop_on_official_weights(oracle):

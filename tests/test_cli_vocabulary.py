@@ -1,0 +1,133 @@
+"""Every command line speaks one vocabulary (README "Command-line vocabulary"): this walks every CLI's
+``--help`` and checks the table — one name per concept, old spellings hidden but accepted, ``--quiet`` and
+``--device`` where they apply, ``--out`` saying file or folder, choices listed, each default shown once, an
+example epilog, no references to spec files a user does not have."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from engine.cli import ALIASES
+
+#: command -> (parser factory, sub-command or None)
+def _parsers():
+    import engine.data
+    import engine.evaluate
+    import engine.predict
+    import engine.train
+    import export.__main__ as export_main
+
+    def sub(factory, name):
+        p = factory()
+        action = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    return {
+        "engine.data": engine.data.build_parser(),
+        "export": export_main.build_parser(),
+        "engine.evaluate": engine.evaluate.build_parser(),
+        "engine.data check": sub(engine.data.build_parser, "check"),
+        "engine.data synth": sub(engine.data.build_parser, "synth"),
+        "engine.train": engine.train.build_parser(),
+        "engine.predict": engine.predict.build_parser(),
+        **{f"export {f}": sub(export_main.build_parser, f) for f in ("onnx", "trt", "aoti")},
+    }
+
+
+PARSERS = _parsers()
+TOP_LEVEL = {"engine.data", "export"}  # they only dispatch to their sub-commands
+COMMANDS = [c for c in PARSERS if c not in TOP_LEVEL]
+RUNS_A_MODEL = {"engine.train", "engine.predict", "export onnx", "export trt", "export aoti"}
+#: concept -> the one flag, and the commands that have the concept
+VOCABULARY = {
+    "--ckpt": {"engine.predict"},  # export takes a positional CKPT; train's --resume resumes state
+    "--data-root": {"engine.data check", "engine.train", "engine.predict", "export onnx", "export trt", "export aoti"},
+    "--ann": {"engine.evaluate", "engine.data check", "engine.predict", "export onnx", "export trt", "export aoti"},
+    "--split": {"engine.predict", "export onnx", "export trt", "export aoti"},
+    "--max-video-len": {"engine.data check", "export onnx", "export trt", "export aoti"},
+    "--dtype": {"engine.train", "engine.predict", "export onnx", "export trt", "export aoti"},
+    "--out": set(COMMANDS),
+    "--quiet": set(COMMANDS),
+    "--device": RUNS_A_MODEL,
+}
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("command", list(PARSERS))
+def test_help_is_self_contained(command):
+    text = PARSERS[command].format_help()
+    assert "example:\n  python -m " in text, "an example epilog"
+    assert "exit codes: 0" in text
+    assert not re.search(r"spec/|\.md\b|§|ld-detr-code|evaluation\.md", text), "no references to spec files"
+    for old in ALIASES:
+        assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", text), f"{old} is a hidden alias"
+
+
+@pytest.mark.parametrize("command", list(PARSERS))
+def test_each_default_shown_once_and_choices_listed(command):
+    parser = PARSERS[command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        help_text = formatter._expand_help(action) if action.help else ""
+        assert help_text.count("default") <= 1, (action.option_strings, help_text)
+        if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
+            shown = formatter._format_action_invocation(action) + " " + help_text
+            assert all(str(c) in shown for c in action.choices), (action.option_strings, shown)
+
+
+@pytest.mark.parametrize("flag", list(VOCABULARY))
+def test_one_name_per_concept(flag):
+    have = {c for c, p in PARSERS.items() if flag in _options(p)}
+    assert VOCABULARY[flag] <= have, f"{flag} missing from {sorted(VOCABULARY[flag] - have)}"
+
+
+def test_out_says_file_or_folder():
+    for command in COMMANDS:
+        help_text = _options(PARSERS[command])["--out"].help
+        assert re.match(r"an? (file|folder)", help_text), (command, help_text)
+
+
+def test_choices_are_listed_for_preset_dataset_dtype():
+    train = _options(PARSERS["engine.train"])
+    assert {"qvhighlights", "charades", "tacos", "tvsum"} <= set(train["--preset"].choices)
+    assert set(train["--dataset"].choices) >= {"qvhighlights", "synthetic"}
+    for command in ("engine.train", "engine.predict"):
+        assert "{fp32,bf16,fp16}" in PARSERS[command].format_help()
+
+
+@pytest.mark.parametrize("command, old, new, value", [
+    ("engine.evaluate", "--gt", "--ann", "g.jsonl"),
+    ("engine.data check", "--root", "--data-root", "feats"),
+    ("engine.data check", "--max-v-l", "--max-video-len", "50"),
+    ("engine.data check", "--json", "--out", "r.json"),
+    ("engine.train", "--amp", "--dtype", "bf16"),
+    ("export onnx", "--max-v-l", "--max-video-len", "40"),
+])
+def test_old_spellings_still_parse(command, old, new, value):
+    parser = PARSERS[command]
+    required = {"engine.evaluate": ["--submission", "s.jsonl", "--ann", "x"],
+                "engine.data check": ["--dataset", "qvhighlights", "--data-root", "x"],
+                "export onnx": ["ckpt.pt"]}.get(command, [])
+    dest = _options(parser)[new].dest
+    assert getattr(parser.parse_args(required + [old, value]), dest) == getattr(parser.parse_args(required + [new, value]), dest)
+
+
+@pytest.mark.parametrize("alias, dtype", [("--half", "fp16"), ("--fp16", "fp16"), ("--bf16", "bf16")])
+def test_export_precision_aliases(alias, dtype):
+    parser = PARSERS["export trt"]
+    assert parser.parse_args(["ckpt.pt", alias]).dtype == dtype
+
+
+def test_bad_flag_errors_are_one_line_naming_the_one_spelling(capsys):
+    with pytest.raises(SystemExit) as e:
+        PARSERS["engine.train"].parse_args(["--amp", "fp8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "argument --dtype:" in err and "--amp" not in err
