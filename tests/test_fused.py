@@ -160,3 +160,26 @@ def test_op_count_report(small_cfg):
     assert ref.total > 600, ref.table()  # the reference's schedule is counted, views excluded
     assert not any("view" in k for k in ours.counts), ours.counts
     assert ours.total <= 0.4 * ref.total, f"fused {ours.total} vs reference {ref.total}\n{ours.table()}"
+
+
+def test_triton_backend_in_the_interpreter(strict_fp32, small_cfg, monkeypatch):
+    """backend="triton": the conv-block kernel and the persistent GRU kernel (their interpreter modes here,
+    TRITON_INTERPRET=1 from conftest) inside the fused model, against the reference."""
+    from engine.inference import set_backend
+    from kernels._utils import interpreting
+
+    if not interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest before triton is imported)")
+    import kernels.conv_block as conv_block
+    import kernels.gru_triton as gru_triton
+
+    calls = []
+    for mod, name in ((conv_block, "residual_block_stack"), (gru_triton, "gru_recurrence_triton")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k: (calls.append(_n), _real(*a, **k))[1])
+    model, fused = _models(small_cfg)
+    set_backend(fused, "triton", "ieee")
+    batch = random_batch(small_cfg, [9, 6], [5, 3])
+    with torch.no_grad():
+        compare(model(*batch), fused(*batch), batch[1], 1e-5)
+    assert calls == ["residual_block_stack", "gru_recurrence_triton"]  # the kernels ran, not the torch paths
