@@ -60,3 +60,185 @@ def test_test_presets_build_and_pool_globally(name):
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(ValueError, match="valid: r50_8x8, tiny"):
         SlowFastConfig.from_name("r101")
+
+
+# ------------------------------------------------------------------------------------- HERO's recipe
+
+from engine.extract.slowfast import (  # noqa: E402
+    SlowFastError, SlowFastExtractor, clip_frame_indices, normalize, resize_center_crop, scaled_size,
+    slow_positions)
+
+POS30 = list(range(0, 60, 2)) + [59, 59]  # clamp(linspace(0, 63, 32), 0, 59).long() by hand: 2i for i < 30
+
+
+def test_clip_frame_indices_by_hand():
+    assert clip_frame_indices(120).tolist() == [POS30, [60 + p for p in POS30]]
+    # 61 frames: the last clip is frame 60 alone (padded to a second, then the second repeated)
+    assert clip_frame_indices(61).tolist() == [POS30, [60] * 32]
+    # 100 frames: second 3 = frames 90..99 then frame 99 repeated; clip 2 = seconds 2 and 3
+    clip2 = [min(60 + p, 99) for p in POS30]
+    assert clip_frame_indices(100).tolist()[1] == clip2
+    # 25 frames (< 1 s): the padded second (0..24, 24 x 5) is tiled into a 2-s clip
+    second = list(range(25)) + [24] * 5
+    assert clip_frame_indices(25).tolist() == [[(second + second)[p] for p in POS30]]
+    # a 25-fps source (HERO scales the window by floor(fps) / 30): linspace(0, 64 * 25 / 30 - 1, 32)
+    want = [int(i * (64 * 25 / 30 - 1) / 31 + 1e-6) for i in range(32)]
+    assert clip_frame_indices(60, source_fps=25.0).tolist() == [want]
+    assert clip_frame_indices(60, source_fps=25.9).tolist() == [want]  # floor, as HERO's ffprobe fps
+
+
+def test_slow_positions_by_hand():
+    assert slow_positions(32, 4).tolist() == [0, 4, 8, 13, 17, 22, 26, 31]
+
+
+def test_scaled_size_and_crop_offsets():
+    assert scaled_size(480, 640, 224) == (224, 298)  # int(640 * 224 / 480) = int(298.67)
+    assert scaled_size(1920, 1080, 224) == (398, 224)
+    frames = torch.randint(0, 256, (2, 224, 300, 3), dtype=torch.uint8)  # already scaled: not resampled
+    assert torch.equal(resize_center_crop(frames, 224), frames[:, :, 38:262])
+    tall = torch.randint(0, 256, (1, 301, 224, 3), dtype=torch.uint8)
+    assert torch.equal(resize_center_crop(tall, 224), tall[:, 38:262])  # int(77 / 2) = 38
+
+
+def test_resize_keeps_flat_colour_and_symmetry():
+    flat = torch.full((1, 480, 640, 3), 0, dtype=torch.uint8)
+    flat[..., 0], flat[..., 1], flat[..., 2] = 200, 17, 93
+    out = resize_center_crop(flat, 224)
+    assert out.shape == (1, 224, 224, 3) and out.dtype == torch.uint8
+    assert out[..., 0].unique().tolist() == [200] and out[..., 2].unique().tolist() == [93]
+    ramp = torch.arange(640).div(640 / 256, rounding_mode="floor").to(torch.uint8).view(1, 1, 640, 1)
+    ramp = ramp.expand(1, 480, 640, 3).contiguous()
+    r = resize_center_crop(ramp, 224)[0, :, :, 0].int()
+    assert (r.diff(dim=1) >= 0).all() and (r == r[:1]).all()  # still a horizontal ramp, rows equal
+
+
+def test_normalize_by_hand():
+    x = torch.tensor([0, 255, 115], dtype=torch.uint8).view(1, 1, 1, 1, 3).expand(1, 2, 1, 1, 3)
+    y = normalize(x)
+    assert y.shape == (1, 3, 2, 1, 1)
+    want = torch.tensor([-0.45, 0.55, 115 / 255 - 0.45]) / (0.225 + 1e-8)
+    torch.testing.assert_close(y[0, :, 0, 0, 0], want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- the extractor
+
+@pytest.fixture(scope="module")
+def tiny() -> SlowFastExtractor:
+    return SlowFastExtractor(test_config="tiny", batch_size=2)
+
+
+def _frames(n: int, h: int = 40, w: int = 52, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+def test_interface(tiny):
+    assert (tiny.name, tiny.fps, tiny.clip_seconds, tiny.frames_per_clip) == ("slowfast_r50_8x8", 30, 2.0, 60)
+    assert tiny.dim == 288 and SlowFastConfig().dim == 2304
+
+
+@pytest.mark.parametrize("n,clips", [(1, 1), (59, 1), (60, 1), (61, 2), (150, 3)])
+def test_shapes_for_any_frame_count(tiny, n, clips):
+    out = tiny(_frames(n))
+    assert out.shape == (clips, tiny.dim) == (tiny.n_clips(n), 288)
+    assert out.dtype == torch.float32 and out.device.type == "cpu" and torch.isfinite(out).all()
+
+
+def test_extractor_equals_the_recipe_by_hand(tiny):
+    """ex(frames) == model(slow, fast) built from the hand-written indices, for every clip and batch size."""
+    s = tiny.config.crop_size
+    frames = _frames(100, s, s + 6)  # short side already = crop: only the centre crop (x0 = 3) applies
+    clips = [POS30, [min(60 + p, 99) for p in POS30]]
+    fast = normalize(torch.stack([frames[c][:, :, 3:3 + s] for c in clips]))  # (2, 3, 32, s, s)
+    slow = fast[:, :, [0, 4, 8, 13, 17, 22, 26, 31]]
+    with torch.no_grad():
+        want = tiny.model(slow, fast)
+    for ex in (tiny, SlowFastExtractor(test_config="tiny", batch_size=1)):
+        torch.testing.assert_close(ex(frames), want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_of_whole_clips_equal_one_call(tiny):
+    frames = _frames(150)
+    whole = tiny(frames)
+    torch.testing.assert_close(torch.cat([tiny(frames[:120]), tiny(frames[120:])]), whole, rtol=0, atol=0)
+    assert not torch.allclose(tiny(frames[:90])[1], whole[1])  # a partial clip is padded, not the next frames
+
+
+def test_deterministic(tiny):
+    frames = _frames(70, seed=3)
+    a = tiny(frames)
+    b = SlowFastExtractor(test_config="tiny", batch_size=5)(frames.numpy())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, tiny(_frames(70, seed=4)))
+
+
+def test_pytorchvideo_checkpoint_layout_loads(tmp_path, tiny):
+    """A .pyth is {'model_state': state_dict, ...} with num_batches_tracked: strict load, same features."""
+    ckpt = {"model_state": tiny.model.state_dict(), "epoch": 196, "cfg": "MODEL:\n  ARCH: slowfast\n"}
+    torch.save(ckpt, tmp_path / "SLOWFAST_tiny.pyth")
+    ex = SlowFastExtractor(weights=tmp_path / "SLOWFAST_tiny.pyth", test_config="tiny")
+    frames = _frames(61)
+    torch.testing.assert_close(ex(frames), tiny(frames), rtol=0, atol=0)
+
+
+def test_oracle_weights_file_loads_into_the_r50_extractor():
+    ex = SlowFastExtractor(weights=ORACLE / "weights_fp16.safetensors", device="cpu")
+    assert ex.dim == 2304 and ex.weights.endswith("weights_fp16.safetensors")
+    assert next(ex.model.parameters()).dtype == torch.float32
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and excinfo.type is SlowFastError
+    return msg
+
+
+def test_bad_weights_are_one_clear_line(tmp_path, tiny):
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "nope.pyth")
+    assert "no file" in _one_line(e) and "nope.pyth" in str(e.value)
+    (tmp_path / "junk.pyth").write_bytes(b"not a checkpoint\n" * 4)
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "junk.pyth")
+    assert "junk.pyth" in _one_line(e) and "unreadable" in str(e.value)
+    (tmp_path / "c2.pkl").write_bytes(b"\x80\x02}q\x00.")  # a pickle torch.load refuses
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "c2.pkl")
+    assert "Caffe2" in _one_line(e)
+    torch.save(tiny.model.state_dict(), tmp_path / "tiny.pt")  # the wrong architecture for R50
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "tiny.pt")
+    assert "tiny.pt" in _one_line(e) and "missing" in str(e.value)
+    state = dict(tiny.model.state_dict(), **{"blocks.6.proj.weight": torch.zeros(400, 288)})
+    torch.save(state, tmp_path / "k400.pt")
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "k400.pt", test_config="tiny")
+    assert "blocks.6.proj.weight has shape (400, 288), expected (10, 288)" in _one_line(e)
+    torch.save({"s1.pathway0_stem.conv.weight": torch.zeros(1)}, tmp_path / "pyslowfast.pt")
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "pyslowfast.pt", test_config="tiny")
+    assert "PySlowFast names" in _one_line(e) and "missing" in str(e.value)
+    torch.save({"model_state": {"a": 1}}, tmp_path / "odd.pyth")
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "odd.pyth")
+    assert "not a state_dict" in _one_line(e)
+
+
+def test_bad_arguments_are_one_clear_line(tiny):
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor()
+    assert "SLOWFAST_8x8_R50.pyth" in _one_line(e)
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(test_config="r101")
+    assert "tiny" in _one_line(e)
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(test_config="tiny", batch_size=0)
+    assert "batch_size" in _one_line(e)
+    for bad, what in [(torch.zeros(4, 8, 8, 3), "float32"), (torch.zeros(4, 8, 8, dtype=torch.uint8), "(4, 8, 8)"),
+                      (torch.zeros(0, 8, 8, 3, dtype=torch.uint8), "zero frames"), ([1, 2], "list")]:
+        with pytest.raises(SlowFastError) as e:
+            tiny(bad)
+        assert what in _one_line(e)
+    with pytest.raises(SlowFastError) as e:
+        tiny(_frames(3), source_fps=0)
+    assert "source_fps" in _one_line(e)
