@@ -201,10 +201,6 @@ def test_bad_weights_are_one_clear_line(tmp_path, tiny):
     with pytest.raises(SlowFastError) as e:
         SlowFastExtractor(weights=tmp_path / "junk.pyth")
     assert "junk.pyth" in _one_line(e) and "unreadable" in str(e.value)
-    (tmp_path / "c2.pkl").write_bytes(b"\x80\x02}q\x00.")  # a pickle torch.load refuses
-    with pytest.raises(SlowFastError) as e:
-        SlowFastExtractor(weights=tmp_path / "c2.pkl")
-    assert "Caffe2" in _one_line(e)
     torch.save(tiny.model.state_dict(), tmp_path / "tiny.pt")  # the wrong architecture for R50
     with pytest.raises(SlowFastError) as e:
         SlowFastExtractor(weights=tmp_path / "tiny.pt")
@@ -242,3 +238,79 @@ def test_bad_arguments_are_one_clear_line(tiny):
     with pytest.raises(SlowFastError) as e:
         tiny(_frames(3), source_fps=0)
     assert "source_fps" in _one_line(e)
+
+
+# ------------------------------------------------------------------------------------- PySlowFast Caffe2 .pkl
+
+import pickle  # noqa: E402
+
+from engine.extract.slowfast_convert import c2_names, main as convert_main  # noqa: E402
+
+
+def test_c2_names_by_hand():
+    """Examples from PySlowFast's c2_model_loading comments (``t_`` = fast; fusion after a stage's last block)."""
+    names = c2_names()
+    want = {
+        "blocks.0.multipathway_blocks.0.conv.weight": "conv1_w",
+        "blocks.0.multipathway_blocks.0.norm.weight": "res_conv1_bn_s",
+        "blocks.0.multipathway_blocks.1.norm.running_var": "t_res_conv1_bn_riv",
+        "blocks.0.multipathway_fusion.conv_fast_to_slow.weight": "t_pool1_subsample_w",
+        "blocks.0.multipathway_fusion.norm.running_mean": "t_pool1_subsample_bn_rm",
+        "blocks.1.multipathway_fusion.norm.bias": "t_res2_2_branch2c_bn_subsample_bn_b",
+        "blocks.3.multipathway_fusion.conv_fast_to_slow.weight": "t_res4_5_branch2c_bn_subsample_w",
+        "blocks.3.multipathway_blocks.0.res_blocks.4.branch2.norm_c.bias": "res4_4_branch2c_bn_b",
+        "blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_a.weight": "res2_0_branch2a_w",
+        "blocks.2.multipathway_blocks.1.res_blocks.0.branch1_conv.weight": "t_res3_0_branch1_w",
+        "blocks.4.multipathway_blocks.0.res_blocks.0.branch1_norm.weight": "res5_0_branch1_bn_s",
+        "blocks.4.multipathway_blocks.1.res_blocks.2.branch2.norm_b.running_mean": "t_res5_2_branch2b_bn_rm",
+        "blocks.6.proj.weight": "pred_w", "blocks.6.proj.bias": "pred_b",
+    }
+    assert {k: names[k] for k in want} == want
+    assert len(names) == 552 == len(set(names.values()))  # every learned tensor, one blob each
+
+
+def _write_c2(path, state, config=None, drop=None, protocol=2):
+    blobs = {c2: state[k].numpy().astype(np.float32) for k, c2 in c2_names(config).items()}
+    # PySlowFast's .pkl also holds optimiser blobs, skipped on load
+    blobs.update({"conv1_w_momentum": np.zeros(1, np.float32), "lr": np.float32(0.1), "model_iter": np.int64(5)})
+    blobs.pop(drop, None)
+    path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=protocol))
+    return path
+
+
+def test_caffe2_pkl_loads_and_converts(tmp_path, tiny):
+    pkl = _write_c2(tmp_path / "SLOWFAST_tiny.pkl", tiny.model.state_dict(), tiny.config)
+    frames = _frames(61, seed=5)
+    want = tiny(frames)
+    torch.testing.assert_close(SlowFastExtractor(weights=pkl, test_config="tiny")(frames), want, rtol=0, atol=0)
+    # the R50 CLI on a tiny .pkl: exit 2, one line; on a real-shaped one it writes loadable safetensors
+    assert convert_main([str(pkl), str(tmp_path / "x.safetensors")]) == 2
+    assert convert_main([str(pkl), str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_caffe2_cli_writes_r50_safetensors(tmp_path, capsys, oracle_state):
+    pkl = _write_c2(tmp_path / "SLOWFAST_8x8_R50.pkl", oracle_state, protocol=4)
+    out = tmp_path / "slowfast_c2.safetensors"
+    assert convert_main([str(pkl), str(out)]) == 0 and "552 tensors" in capsys.readouterr().out
+    got = load_file(str(out))
+    assert set(got) == set(oracle_state) and all(torch.equal(got[k], oracle_state[k]) for k in got)
+
+
+def test_bad_caffe2_pkl_is_one_line(tmp_path, tiny):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"blobs": Evil()}, protocol=2))
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "evil.pkl", test_config="tiny")
+    assert "refusing to load" in _one_line(e) and "print" in str(e.value)  # nothing ran
+    (tmp_path / "empty.pkl").write_bytes(pickle.dumps({}, protocol=2))
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=tmp_path / "empty.pkl", test_config="tiny")
+    assert "no 'blobs' dict" in _one_line(e)
+    pkl = _write_c2(tmp_path / "short.pkl", tiny.model.state_dict(), tiny.config, drop="t_pool1_subsample_w")
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=pkl, test_config="tiny")
+    assert "1 blobs missing" in _one_line(e) and "t_pool1_subsample_w" in str(e.value)

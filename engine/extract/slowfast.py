@@ -10,11 +10,15 @@ Why not pytorchvideo: it needs ``torchvision``, which does not load against this
 network is our own (``engine.extract.slowfast_net``), loading the public checkpoint under pytorchvideo's own
 state-dict names and checked against pytorchvideo's output (``shared/data/slowfast_oracle``, bit-exact on CPU).
 
-Weights: pytorchvideo's ``SLOWFAST_8x8_R50.pyth`` (https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/
-SLOWFAST_8x8_R50.pyth; a dict whose ``model_state`` is loaded strictly), a bare state_dict (``.pt``/``.pth``) or
-a ``.safetensors`` file with the same names. Nothing is ever downloaded. HERO itself used PySlowFast's Caffe2
-``SLOWFAST_8x8_R50.pkl``: a different training run of the same architecture, so features from the ``.pyth``
-differ numerically from the datasets' (same recipe, same shapes); that ``.pkl`` is not read here.
+Weights (nothing is ever downloaded; pass a local file):
+
+- PySlowFast's Caffe2 ``SLOWFAST_8x8_R50.pkl`` (https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/kinetics400/
+  SLOWFAST_8x8_R50.pkl): the checkpoint HERO, hence the datasets' ``slowfast_features``, used. Use this one for
+  an LD-DETR checkpoint trained on QVHighlights / Charades features. Renamed on load (``slowfast_convert``).
+- pytorchvideo's ``SLOWFAST_8x8_R50.pyth`` (https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/
+  SLOWFAST_8x8_R50.pyth; its ``model_state`` loads strictly, no renaming), a bare state_dict (``.pt``/``.pth``)
+  or a ``.safetensors`` with the same names. The ``.pyth`` is another training run of the same network: its
+  features have the same shape but live in a different space from the datasets' (fine for training anew).
 
 Preprocessing (HERO ``extract_feature/{video_loader,preprocessing,extract}.py``, ``--clip_len 2``,
 ``configs/Kinetics/c2/extract_SLOWFAST_8x8_R50.yaml``):
@@ -48,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .slowfast_convert import convert_c2_state, read_c2_pickle
 from .slowfast_net import SlowFastConfig, SlowFastNet, init_random_
 
 __all__ = ["SlowFastError", "SlowFastExtractor", "clip_frame_indices", "resize_center_crop", "read_state_dict",
@@ -120,11 +125,17 @@ def normalize(frames: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------------------------- weights
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A SlowFast state_dict from ``.pyth``/``.pt``/``.pth`` (``model_state`` or bare) or ``.safetensors``."""
+def read_state_dict(path: str | os.PathLike, config: SlowFastConfig | None = None) -> dict[str, Tensor]:
+    """A SlowFast state_dict from ``.pyth``/``.pt``/``.pth`` (``model_state`` or bare), ``.safetensors``, or
+    PySlowFast's Caffe2 ``.pkl`` (renamed by ``engine.extract.slowfast_convert``; ``config`` checks its shapes)."""
     path = Path(path)
     if not path.is_file():
         raise SlowFastError(f"SlowFast weights: no file {path}")
+    if path.suffix == ".pkl":
+        try:
+            return convert_c2_state(read_c2_pickle(path), config, source=f"Caffe2 weights {path}")
+        except ValueError as e:
+            raise SlowFastError(str(e)) from None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -132,10 +143,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
-        hint = (" (PySlowFast's Caffe2 .pkl is not supported: use pytorchvideo's SLOWFAST_8x8_R50.pyth)"
-                if path.suffix == ".pkl" else "")
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise SlowFastError(f"SlowFast weights {path}: unreadable ({type(e).__name__}: {first}){hint}") from None
+        raise SlowFastError(f"SlowFast weights {path}: unreadable ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -150,7 +159,7 @@ def load_weights_(model: SlowFastNet, state: dict[str, Tensor], source: str = "w
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        hint = " (PySlowFast names: use pytorchvideo's SLOWFAST_8x8_R50.pyth)" if any(
+        hint = " (PySlowFast names: pass its Caffe2 .pkl or pytorchvideo's .pyth)" if any(
             k.startswith(("s1.", "s2.", "head.")) for k in unexpected) else ""
         raise SlowFastError(
             f"SlowFast {source}: not a pytorchvideo SlowFast {model.config.name} state_dict: {len(missing)} missing "
@@ -214,7 +223,7 @@ class SlowFastExtractor:
         if weights is None:
             init_random_(model, seed=0)
         else:
-            load_weights_(model, read_state_dict(weights), source=f"weights {weights}")
+            load_weights_(model, read_state_dict(weights, self.config), source=f"weights {weights}")
         self.model = model.eval().to(self.device)
         self._slow_pos = slow_positions(self.config.fast_frames, self.config.alpha).to(self.device)
 
