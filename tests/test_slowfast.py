@@ -14,6 +14,15 @@ from tests.conftest import SHARED
 ORACLE = SHARED / "data" / "slowfast_oracle"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small conv3d/BN ops on a shared 2-core runner: one OpenMP thread is ~50x faster than two contending."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def oracle_state() -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(ORACLE / "weights_fp16.safetensors")).items()}

@@ -238,7 +238,7 @@ class SlowFastExtractor:
         return (f"SlowFastExtractor(name={self.name!r}, config={self.config.name!r}, dim={self.dim}, "
                 f"weights={self.weights!r}, device={str(self.device)!r})")
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self, frames: Tensor | np.ndarray, *, source_fps: float | None = None) -> Tensor:
         """frames (N, H, W, 3) uint8 RGB at 30 fps -> (ceil(N / 60), dim) fp32 CPU; see the module's table."""
         frames = self._check(frames)
