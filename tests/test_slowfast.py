@@ -323,3 +323,15 @@ def test_bad_caffe2_pkl_is_one_line(tmp_path, tiny):
     with pytest.raises(SlowFastError) as e:
         SlowFastExtractor(weights=pkl, test_config="tiny")
     assert "1 blobs missing" in _one_line(e) and "t_pool1_subsample_w" in str(e.value)
+
+
+def test_cuda_convolutions_run_in_fp32_and_the_setting_is_restored():
+    from engine.extract.slowfast import _no_tf32
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with _no_tf32(torch.device("cuda")):
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+    with _no_tf32(torch.device("cpu")):
+        assert conv.fp32_precision == before
