@@ -144,6 +144,9 @@ def _frames(n: int, h: int = 40, w: int = 52, seed: int = 0) -> torch.Tensor:
 def test_interface(tiny):
     assert (tiny.name, tiny.fps, tiny.clip_seconds, tiny.frames_per_clip) == ("slowfast_r50_8x8", 30, 2.0, 60)
     assert tiny.dim == 288 and SlowFastConfig().dim == 2304
+    assert tiny.scaled_size(480, 640) == (32, 42) and tiny.manifest()["config"] == "tiny"
+    prescaled = _frames(61, 32, 42)  # a decoder that already scaled: same features as our resize skipped
+    torch.testing.assert_close(tiny(prescaled), tiny(torch.stack([f[:, 5:37] for f in prescaled])), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("n,clips", [(1, 1), (59, 1), (60, 1), (61, 2), (150, 3)])

@@ -234,6 +234,17 @@ class SlowFastExtractor:
     def n_clips(self, n_frames: int) -> int:
         return -(-n_frames // self.frames_per_clip)
 
+    def scaled_size(self, height: int, width: int) -> tuple[int, int]:
+        """HERO's scaled (H', W') for a (height, width) video. A decoder that scales to it itself (PyAV
+        ``frame.to_ndarray(width=W', height=H', format="rgb24", interpolation="BICUBIC")``, swscale as HERO's
+        ffmpeg) saves memory and skips our resize: only the centre crop is then applied."""
+        return scaled_size(height, width, self.config.crop_size)
+
+    def manifest(self) -> dict:
+        """What produced the features (for an extraction manifest / cache key)."""
+        return {"name": self.name, "weights": self.weights, "config": self.config.name, "dim": self.dim,
+                "fps": self.fps, "clip_seconds": self.clip_seconds, "crop_size": self.config.crop_size}
+
     def __repr__(self) -> str:
         return (f"SlowFastExtractor(name={self.name!r}, config={self.config.name!r}, dim={self.dim}, "
                 f"weights={self.weights!r}, device={str(self.device)!r})")
