@@ -295,6 +295,9 @@ def test_caffe2_pkl_loads_and_converts(tmp_path, tiny):
     frames = _frames(61, seed=5)
     want = tiny(frames)
     torch.testing.assert_close(SlowFastExtractor(weights=pkl, test_config="tiny")(frames), want, rtol=0, atol=0)
+    flat = {k: (v.flatten(1) if k.endswith("conv_c.weight") else v) for k, v in tiny.model.state_dict().items()}
+    pkl2 = _write_c2(tmp_path / "flat.pkl", flat, tiny.config)  # 1x1x1 convs stored 2-D: padded like PySlowFast
+    torch.testing.assert_close(SlowFastExtractor(weights=pkl2, test_config="tiny")(frames), want, rtol=0, atol=0)
     # the R50 CLI on a tiny .pkl: exit 2, one line; on a real-shaped one it writes loadable safetensors
     assert convert_main([str(pkl), str(tmp_path / "x.safetensors")]) == 2
     assert convert_main([str(pkl), str(tmp_path / "x.pt")]) == 2
@@ -322,6 +325,12 @@ def test_bad_caffe2_pkl_is_one_line(tmp_path, tiny):
     with pytest.raises(SlowFastError) as e:
         SlowFastExtractor(weights=tmp_path / "empty.pkl", test_config="tiny")
     assert "no 'blobs' dict" in _one_line(e)
+    state = dict(tiny.model.state_dict())
+    state["blocks.1.multipathway_blocks.0.res_blocks.0.branch2.conv_c.weight"] = torch.zeros(16, 8)
+    pkl = _write_c2(tmp_path / "bad_shape.pkl", state, tiny.config)
+    with pytest.raises(SlowFastError) as e:
+        SlowFastExtractor(weights=pkl, test_config="tiny")
+    assert "blob res2_0_branch2c_w has shape (16, 8, 1, 1, 1)" in _one_line(e)  # padded with 1s, still wrong
     pkl = _write_c2(tmp_path / "short.pkl", tiny.model.state_dict(), tiny.config, drop="t_pool1_subsample_w")
     with pytest.raises(SlowFastError) as e:
         SlowFastExtractor(weights=pkl, test_config="tiny")

@@ -122,6 +122,8 @@ def convert_c2_state(blobs: dict[str, np.ndarray], config: SlowFastConfig | None
     out: dict[str, Tensor] = {}
     for ours, c2 in names.items():
         arr = np.asarray(blobs[c2])
+        if arr.ndim < len(shapes[ours]):  # PySlowFast pads a blob's shape with trailing 1s (linear -> conv)
+            arr = arr.reshape(arr.shape + (1,) * (len(shapes[ours]) - arr.ndim))
         if tuple(arr.shape) != shapes[ours]:
             raise ValueError(f"SlowFast {source}: blob {c2} has shape {tuple(arr.shape)}, {ours} needs {shapes[ours]}")
         out[ours] = torch.from_numpy(np.array(arr, dtype=np.float32))
