@@ -121,6 +121,11 @@ def test_resize_keeps_flat_colour_and_symmetry():
     assert (r.diff(dim=1) >= 0).all() and (r == r[:1]).all()  # still a horizontal ramp, rows equal
 
 
+def test_resize_in_chunks_equals_one_pass():
+    frames = torch.randint(0, 256, (20, 48, 64, 3), dtype=torch.uint8)
+    assert torch.equal(resize_center_crop(frames, 32, chunk=3), resize_center_crop(frames, 32, chunk=100))
+
+
 def test_normalize_by_hand():
     x = torch.tensor([0, 255, 115], dtype=torch.uint8).view(1, 1, 1, 1, 3).expand(1, 2, 1, 1, 3)
     y = normalize(x)

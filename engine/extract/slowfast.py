@@ -104,17 +104,22 @@ def scaled_size(h: int, w: int, size: int) -> tuple[int, int]:
     return (int(h * size / w), size) if h >= w else (size, int(w * size / h))
 
 
-def resize_center_crop(frames: Tensor, size: int) -> Tensor:
-    """(n, H, W, 3) uint8 -> (n, size, size, 3) uint8: HERO's short-side resize then centre crop."""
+def resize_center_crop(frames: Tensor, size: int, chunk: int = 8) -> Tensor:
+    """(n, H, W, 3) uint8 -> (n, size, size, 3) uint8: HERO's short-side resize then centre crop.
+
+    Resamples ``chunk`` frames at a time (a 1080p frame is 25 MB in fp32)."""
     n, h, w, _ = frames.shape
     sh, sw = scaled_size(h, w, size)
-    x = frames
-    if (sh, sw) != (h, w):
-        x = frames.permute(0, 3, 1, 2).float()  # (n, 3, H, W)
-        x = F.interpolate(x, size=(sh, sw), mode="bicubic", antialias=True, align_corners=False)
-        x = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (n, H', W', 3)
     y0, x0 = int((sh - size) / 2), int((sw - size) / 2)
-    return x[:, y0:y0 + size, x0:x0 + size]
+    if (sh, sw) == (h, w):
+        return frames[:, y0:y0 + size, x0:x0 + size]
+    out = []
+    for x in frames.split(chunk):
+        x = x.permute(0, 3, 1, 2).float()  # (c, 3, H, W)
+        x = F.interpolate(x, size=(sh, sw), mode="bicubic", antialias=True, align_corners=False)
+        x = x[:, :, y0:y0 + size, x0:x0 + size].round_().clamp_(0, 255).to(torch.uint8)
+        out.append(x.permute(0, 2, 3, 1))  # (c, size, size, 3)
+    return torch.cat(out)
 
 
 def normalize(frames: Tensor) -> Tensor:
