@@ -91,3 +91,12 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight CLIP model + tokenizer folder (``transformers`` save_pretrained)."""
+    pytest.importorskip("transformers")
+    from extract_helpers import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
