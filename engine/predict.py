@@ -1,5 +1,8 @@
 """Prediction: ``python -m engine.predict --ckpt best.pt --data-root R --split val --out preds.jsonl``.
 
+From a video file: ``python -m engine.predict --ckpt best.pt --video clip.mp4 --query "..."`` (see
+:mod:`engine.predict_video`; videos of any length are scored in overlapping windows, :mod:`engine.windows`).
+
 Also a Python API for already-extracted features of one video and several queries (the video is
 encoded once)::
 
@@ -36,6 +39,8 @@ from .data import DataError, FeatureSpec, MomentDataset, find_split, load_annota
 from .evaluate import evaluate
 from .inference import build
 from .postprocess import to_records
+from .predict_video import add_video_args, predict_video, predict_windows, video_main
+from .windows import DEFAULT_NMS
 
 
 class Predictor:
@@ -60,10 +65,22 @@ class Predictor:
         return cls(model, FeatureSpec.from_dict(contract), dataset=dataset, device=device,
                    kernels_backend=kernels_backend)
 
-    @torch.no_grad()
     def predict(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
-                queries: Sequence[str] | None = None, duration: float | None = None) -> list[dict]:
-        """One video, several queries -> one result dict per query.
+                queries: Sequence[str] | None = None, duration: float | None = None, *, window: int | None = None,
+                stride: int | None = None, nms_thd: float = DEFAULT_NMS) -> list[dict]:
+        """:meth:`_predict_once` for a video of any length: longer than ``window`` clips (default max_v_l;
+        uncapped: ``engine.windows.DEFAULT_WINDOW``) it is scored in overlapping windows and merged."""
+        return predict_windows(self, video, query_tokens, queries, duration, window=window, stride=stride,
+                               nms_thd=nms_thd)
+
+    def predict_video(self, path: str | os.PathLike, queries: Sequence[str], **kwargs: Any) -> dict:
+        """A video file + query strings -> windows and saliency (see :func:`engine.predict_video.predict_video`)."""
+        return predict_video(self, path, queries, **kwargs)
+
+    @torch.no_grad()
+    def _predict_once(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
+                      queries: Sequence[str] | None = None, duration: float | None = None) -> list[dict]:
+        """One video (at most max_v_l clips), several queries -> one result dict per query.
 
         ``video``: {feature dir name: (T, D) array} as stored on disk, or one (T, D) array when the contract
         has a single video feature. ``query_tokens``: per query a (N, Dt) token-feature array.
@@ -129,19 +146,25 @@ def plot_prediction(record: dict, gt: dict | None, clip_length: float, path: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by engine.train (best.pt)")
-    p.add_argument("--data-root", type=Path, required=True, help="feature root of the data to predict on")
+    p.add_argument("--data-root", type=Path, default=None, help="feature root of the data to predict on")
     p.add_argument("--split", default="val", help="which annotation file in --data-root (*{split}*.jsonl)")
     p.add_argument("--ann", type=Path, default=None, help="annotation jsonl (overrides --split)")
-    p.add_argument("--out", type=Path, required=True, help="output jsonl (official submission format)")
+    p.add_argument("--out", type=Path, default=None, help="output jsonl (official submission format); "
+                                                          "with --video: a JSON file (default: stdout)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
                    help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
     p.add_argument("--plot", type=Path, default=None, help="write one PNG per query into this folder")
     p.add_argument("--max-plots", type=int, default=50, help="at most this many PNGs")
+    add_video_args(p)
     args = p.parse_args(argv)
+    if args.video is None and (args.data_root is None or args.out is None):
+        p.error("--data-root and --out are required (or give --video)")
     try:
         predictor = Predictor.from_checkpoint(args.ckpt, device=args.device, kernels_backend=args.kernels)
+        if args.video is not None:
+            return video_main(args, predictor)
         ann_file = args.ann or find_split(args.data_root, args.split)
         ann = load_annotations(ann_file)
         ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)

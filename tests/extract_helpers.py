@@ -103,3 +103,17 @@ def write_audio_only(path: Path) -> Path:
         for p in list(a.encode(af)) + list(a.encode()):
             c.mux(p)
     return path
+
+
+def tiny_model(v_feat_dim: int, t_feat_dim: int, **overrides):
+    """A small-width LD-DETR (fast on CPU) for prediction tests."""
+    import torch
+
+    from reference import LDDETR, LDDETRConfig
+
+    kw = dict(v_feat_dim=v_feat_dim, t_feat_dim=t_feat_dim, queue_length=16, dim_feedforward=128,
+              num_convolutional_blocks=1, num_encoder1_layers=1, num_encoder2_layers=1, num_v2t_encoder_layers=1,
+              num_decoder_layers=1)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return LDDETR(LDDETRConfig.preset("qvhighlights", **kw)).eval()
