@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               slowfast_test_config=args.slowfast_test_config)
         summary = extract_corpus(videos, args.out, ex, queries=args.queries, rank=dist.rank(),
                                  world=dist.world_size(), progress=not args.no_progress, skip_bad=args.skip_bad)
+        if dist.world_size() > 1:
+            print(f"rank {dist.rank()}/{dist.world_size()}: extracted {summary['extracted']}, skipped "
+                  f"{summary['skipped']} of its {len(videos[dist.rank()::dist.world_size()])} videos", file=sys.stderr)
         dist.barrier()
         if dist.is_main():
             path = write_manifest(args.out, ex, summary, videos)
