@@ -71,3 +71,23 @@ def test_extract_bad_input_exit_2(tmp_path, tiny_clip_dir, capsys):
     assert rc == 2 and "no such video" in capsys.readouterr().err
     rc = main(["--videos", str(bad), "--out", str(tmp_path / "o"), "--clip", str(tiny_clip_dir), "--device", "cpu"])
     assert rc == 2 and "--slowfast" in capsys.readouterr().err
+
+
+def test_extract_video_is_the_documented_recipe(tmp_path, tiny_clip_dir):
+    import torch
+
+    from engine.extract.decode import read_frames
+    from engine.extract.pipeline import Extractors, extract_video
+
+    video = write_video(tmp_path / "v.mp4", 130, 25, 48, 40)  # 5.2 s at 25 fps
+    ex = Extractors.build(["slowfast", "clip"], clip=tiny_clip_dir, slowfast_test_config="tiny", device="cpu",
+                          batch_size=2)
+    got = extract_video(video, ex, progress=False)
+    sf_frames = read_frames(video, 30, size=ex.slowfast.scaled_size)  # (156, 32, 38, 3)
+    want_sf = ex.slowfast(torch.from_numpy(sf_frames), source_fps=25)  # HERO: floor(25) / 30 window
+    assert want_sf.shape == (3, 288)
+    np.testing.assert_allclose(got["slowfast_features"], want_sf.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want_sf.numpy(), ex.slowfast(torch.from_numpy(sf_frames)).numpy(), atol=1e-4)
+    want_clip = ex.clip.image(read_frames(video, 0.5, size=ex.clip.scaled_size))
+    assert want_clip.shape == (3, 16)  # round(5.2 / 2)
+    np.testing.assert_allclose(got["clip_features"], want_clip.numpy(), rtol=1e-5, atol=1e-6)

@@ -106,7 +106,7 @@ def extract_video(path: str | os.PathLike, ex: Extractors, progress: bool = True
     in one decoding pass.
 
     CLIP: one frame per ``clip_length`` s (ffmpeg ``fps``); SlowFast: 30 fps frames, 60 per clip (the last
-    partial clip padded as HERO does). Raises :class:`VideoError` (one line) for an unusable file."""
+    partial clip padded as HERO does; ``source_fps`` = the stream's average rate, as HERO's ``info["fps"]``). Raises :class:`VideoError` (one line) for an unusable file."""
     info = probe(path)
     kinds = ex.kinds if kinds is None else list(kinds)
     targets: dict[str, Target] = {}
@@ -126,7 +126,10 @@ def extract_video(path: str | os.PathLike, ex: Extractors, progress: bool = True
     try:
         for kind, frames in decode(path, targets):
             extractor = ex.slowfast if kind == "slowfast" else ex.clip
-            feats = extractor(torch.from_numpy(frames)) if kind == "slowfast" else extractor.image(frames)
+            if kind == "slowfast":  # HERO samples the fast window by floor(the source's average rate) / 30
+                feats = extractor(torch.from_numpy(frames), source_fps=max(info.fps, 1.0) if info.fps > 0 else None)
+            else:
+                feats = extractor.image(frames)
             parts[kind].append(feats)
             if bar is not None and kind == next(iter(targets)):
                 bar.update(min(len(frames) / targets[kind].fps, max(0.0, (bar.total or 1e18) - bar.n)))
