@@ -59,7 +59,7 @@ def write_video(path: Path, n_frames: int, fps: float, width: int, height: int, 
             s.codec_context.time_base = Fraction(1, 1000)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         if rotate is not None:
-            s.metadata["rotate"] = str(rotate)
+            s.set_display_rotation(rotate)  # counter-clockwise, read back as frame.rotation
         a = c.add_stream("aac", rate=8000) if audio else None
         for i in range(n_frames):
             fr = av.VideoFrame.from_ndarray(pattern(i, height, width), format="rgb24")

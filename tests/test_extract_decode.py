@@ -104,3 +104,18 @@ def test_bad_files_one_line(tmp_path):
     with pytest.raises(VideoError) as e:
         probe(tmp_path / "missing.mp4")
     assert "no such file" in _one_line(e, tmp_path / "missing.mp4")
+
+
+def test_rotated_video_is_turned_upright(tmp_path):
+    import av
+
+    path = write_video(tmp_path / "r.mp4", 20, 10, 32, 24, rotate=90)
+    info = probe(path)
+    assert (info.rotation, info.width, info.height) == (90, 24, 32)  # display size
+    with av.open(str(path)) as c:
+        coded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    got = read_frames(path, 1.0, size=lambda h, w: (h, w))  # display (32, 24): the coded 24 x 32, turned
+    assert got.shape == (2, 32, 24, 3)
+    np.testing.assert_array_equal(got[0], np.rot90(coded[4]))  # output 0 = the last frame before 0.5 s
+    small = read_frames(path, 1.0, size=lambda h, w: (h // 2, w // 2))
+    assert small.shape == (2, 16, 12, 3)

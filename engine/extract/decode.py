@@ -116,6 +116,12 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     try:
         stream = container.streams.video[0]
         rot = _stream_rotation(stream)
+        try:  # the display matrix travels with the decoded frames
+            first = next(container.decode(stream), None)
+        except Exception:  # noqa: BLE001 - decode() reports undecodable streams with its own message
+            first = None
+        if first is not None and first.rotation:
+            rot = normalize_rotation(first.rotation)
         w, h = stream.codec_context.width, stream.codec_context.height
         if rot in (90, 270):
             w, h = h, w
