@@ -69,7 +69,7 @@ class Predictor:
                 queries: Sequence[str] | None = None, duration: float | None = None, *, window: int | None = None,
                 stride: int | None = None, nms_thd: float = DEFAULT_NMS) -> list[dict]:
         """:meth:`_predict_once` for a video of any length: longer than ``window`` clips (default max_v_l;
-        uncapped: ``engine.windows.DEFAULT_WINDOW``) it is scored in overlapping windows and merged."""
+        uncapped: ``engine.windows.default_window``) it is scored in overlapping windows and merged."""
         return predict_windows(self, video, query_tokens, queries, duration, window=window, stride=stride,
                                nms_thd=nms_thd)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from .features import DataError, read_array
-from .windows import DEFAULT_NMS, DEFAULT_WINDOW, merge_moments, merge_saliency, split_windows
+from .windows import DEFAULT_NMS, default_window, merge_moments, merge_saliency, split_windows
 
 if TYPE_CHECKING:
     from .predict import Predictor
@@ -64,10 +64,10 @@ def predict_windows(predictor: "Predictor", video: Mapping[str, Any] | np.ndarra
                     window: int | None = None, stride: int | None = None, nms_thd: float = DEFAULT_NMS,
                     max_moments: int | None = None) -> list[dict]:
     """``Predictor.predict`` for any length: one pass when the video fits ``window`` clips (default: the
-    model's ``max_v_l``, or ``DEFAULT_WINDOW`` when uncapped), else overlapping windows merged
+    model's ``max_v_l``, or 150 s of clips when uncapped), else overlapping windows merged
     (moments: temporal NMS on seconds; saliency: mean in the overlaps)."""
     spec = predictor.spec
-    window = int(window or spec.max_video_len or DEFAULT_WINDOW)
+    window = int(window or spec.max_video_len or default_window(spec.clip_length))
     if spec.max_video_len and window > spec.max_video_len:
         raise ValueError(f"window {window} clips exceeds the model's max_v_l {spec.max_video_len}")
     n = _n_clips(video, spec.video_dirs)

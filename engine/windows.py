@@ -1,7 +1,7 @@
 """Videos of any length: overlapping windows of clips, merged back (pure functions, no model).
 
 A video longer than the model's maximum number of clips (``max_v_l``; uncapped presets use
-``DEFAULT_WINDOW``) is scored window by window:
+``default_window(clip_length)``: 150 s of clips) is scored window by window:
 
 1. :func:`split_windows` covers clips ``[0, n)`` with windows of ``window`` clips every ``stride`` clips, the
    last one aligned to the end (so every window is full length and the tail is not a tiny window);
@@ -22,10 +22,15 @@ import numpy as np
 
 from .postprocess import temporal_nms
 
-__all__ = ["DEFAULT_WINDOW", "DEFAULT_NMS", "default_stride", "split_windows", "merge_saliency", "merge_moments"]
+__all__ = ["DEFAULT_WINDOW_SECONDS", "DEFAULT_NMS", "default_window", "default_stride", "split_windows", "merge_saliency", "merge_moments"]
 
-DEFAULT_WINDOW = 150  # clips per window when the model has no cap (max_v_l <= 0)
+DEFAULT_WINDOW_SECONDS = 150.0  # window length when the model has no cap (max_v_l <= 0): the QVHighlights span
 DEFAULT_NMS = 0.7  # IoU above which a lower-scored moment from another window is dropped
+
+
+def default_window(clip_length: float) -> int:
+    """Clips per window for an uncapped model: 150 s worth (the post-processing clamps windows to 150 s)."""
+    return max(1, int(DEFAULT_WINDOW_SECONDS / clip_length))
 
 
 def default_stride(window: int) -> int:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.features import FeatureSpec
 from engine.predict import Predictor
-from engine.windows import merge_moments, merge_saliency, split_windows
+from engine.windows import default_window, merge_moments, merge_saliency, split_windows
 
 
 def test_split_windows_hand_computed():
@@ -84,3 +84,16 @@ def test_long_video_windows_merged(predictor):
     assert rows[0][2] == max(r[2] for p in per for r in p["windows"])
     with pytest.raises(ValueError, match="exceeds the model's max_v_l 20"):
         predictor.predict(video, tokens, window=30)
+
+
+def test_uncapped_model_gets_the_default_window():
+    assert default_window(2.0) == 75 and default_window(1.0) == 150
+    model = tiny_model(6 + 2, 8, max_v_l=-1, clip_length=1.0)
+    spec = FeatureSpec(video_dirs=["clip_features"], video_dims=[6], text_dim=8, max_v_l=-1, clip_length=1.0)
+    pred = Predictor(model, spec, device="cpu", kernels_backend="torch")
+    rng = np.random.default_rng(2)
+    video, tokens = rng.normal(size=(160, 6)), [rng.normal(size=(3, 8))]
+    got = pred.predict(video, tokens)[0]  # 160 clips > 150: windows [0, 150), [10, 160)
+    first = pred._predict_once(video[:150], tokens)[0]
+    assert len(got["saliency"]) == 160 and got["saliency"][:10] == first["saliency"][:10]
+    assert all(0 <= st <= ed <= 160 for st, ed, _ in got["windows"])
