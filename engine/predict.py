@@ -1,5 +1,8 @@
 """Prediction: ``python -m engine.predict --ckpt best.pt --data-root R --split val --out preds.jsonl``.
 
+From a video file: ``python -m engine.predict --ckpt best.pt --video clip.mp4 --query "..."`` (see
+:mod:`engine.predict_video`; videos of any length are scored in overlapping windows, :mod:`engine.windows`).
+
 Also a Python API for already-extracted features of one video and several queries (the video is
 encoded once)::
 
@@ -38,6 +41,8 @@ from .data import DataError, FeatureSpec, MomentDataset, find_split, load_annota
 from .evaluate import evaluate
 from .inference import build
 from .postprocess import to_records
+from .predict_video import add_video_args, predict_video, predict_windows, video_main
+from .windows import DEFAULT_NMS
 
 
 def _compile_mode(compile: bool | str | None) -> str | None:
@@ -103,10 +108,22 @@ class Predictor:
             dur = min(dur, cap * clip)
         return dur
 
-    @torch.no_grad()
     def predict(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
-                queries: Sequence[str] | None = None, duration: float | None = None) -> list[dict]:
-        """One video, several queries -> one result dict per query.
+                queries: Sequence[str] | None = None, duration: float | None = None, *, window: int | None = None,
+                stride: int | None = None, nms_thd: float = DEFAULT_NMS) -> list[dict]:
+        """:meth:`_predict_once` for a video of any length: longer than ``window`` clips (default max_v_l;
+        uncapped: ``engine.windows.default_window``) it is scored in overlapping windows and merged."""
+        return predict_windows(self, video, query_tokens, queries, duration, window=window, stride=stride,
+                               nms_thd=nms_thd)
+
+    def predict_video(self, path: str | os.PathLike, queries: Sequence[str], **kwargs: Any) -> dict:
+        """A video file + query strings -> windows and saliency (see :func:`engine.predict_video.predict_video`)."""
+        return predict_video(self, path, queries, **kwargs)
+
+    @torch.no_grad()
+    def _predict_once(self, video: Mapping[str, Any] | np.ndarray, query_tokens: Sequence[np.ndarray | torch.Tensor],
+                      queries: Sequence[str] | None = None, duration: float | None = None) -> list[dict]:
+        """One video (at most max_v_l clips), several queries -> one result dict per query.
 
         ``video``: {feature dir name: (T, D) array} as stored on disk, or one (T, D) array when the contract
         has a single video feature. ``query_tokens``: per query a (N, Dt) token-feature array.
@@ -174,13 +191,15 @@ def build_parser():
                    "python -m engine.predict --ckpt runs/qvhl/best.pt --data-root features/qvhighlight --split val "
                    "--out preds.jsonl")
     p.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by engine.train (best.pt)")
-    p.add_argument("--data-root", type=Path, required=True, help="feature root of the data to predict on")
+    p.add_argument("--data-root", type=Path, default=None, help="feature root of the data to predict on")
     p.add_argument("--split", default="val", help="which annotation file in --data-root (*{split}*.jsonl)")
     p.add_argument("--ann", type=Path, default=None, help="annotation jsonl (overrides --split)")
-    p.add_argument("--out", type=Path, required=True, help="a file: the predictions, official submission jsonl")
+    p.add_argument("--out", type=Path, default=None,
+                   help="a file: the predictions, official submission jsonl (required with --data-root); "
+                        "with --video: a JSON file (default: stdout)")
     p.add_argument("--batch-size", type=cli.positive_int, default=32)
     p.add_argument("--dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",
-                   help="inference precision (bf16 / fp16: autocast with half weights)")
+                   help="inference precision (native bf16 / fp16 weights and activations)")
     p.add_argument("--compile", action="store_true", help="torch.compile the whole forward (fullgraph)")
     cli.add_device(p)
     p.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
@@ -188,18 +207,25 @@ def build_parser():
     p.add_argument("--plot", type=Path, default=None, help="a folder: one PNG per query")
     p.add_argument("--max-plots", type=int, default=50, help="at most this many PNGs")
     cli.add_quiet(p)
+    add_video_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.video is None and (args.data_root is None or args.out is None):
+        parser.error("--data-root and --out are required (or give --video)")
     try:
         device = cli.resolve_device(args.device)
-        cli.check_writable(args.out)
+        if args.out is not None:
+            cli.check_writable(args.out)
         if args.plot is not None:
             cli.check_writable(args.plot, is_dir=True)
         predictor = Predictor.from_checkpoint(args.ckpt, device=device, backend=args.kernels,
                                               dtype=args.dtype, compile=args.compile)
+        if args.video is not None:
+            return video_main(args, predictor)
         ann_file = args.ann or find_split(args.data_root, args.split)
         ann = load_annotations(ann_file)
         ds = MomentDataset(ann, args.data_root, predictor.spec, dataset=predictor.dataset, load_labels=False)

@@ -129,3 +129,12 @@ def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
     err = ((s_out - s_ref)[keep].norm() / s_ref[vmask.bool()].norm().clamp_min(1e-30)).item()
     assert err <= tol, f"saliency_scores: relative error {err:.2e} > {tol:.0e}"
     return int((~same).sum())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight CLIP model + tokenizer folder (``transformers`` save_pretrained)."""
+    pytest.importorskip("transformers")
+    from extract_helpers import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
