@@ -87,7 +87,8 @@ def predict_windows(predictor: "Predictor", video: Mapping[str, Any] | np.ndarra
         results.append({"query": per_window[0][q]["query"],
                         "windows": merge_moments(rows, [s * clip for s, _ in ranges], duration=total,
                                                  nms_thd=nms_thd, max_moments=keep),
-                        "saliency": merge_saliency(n, ranges, [w[q]["saliency"] for w in per_window])})
+                        "saliency": None if per_window[0][q]["saliency"] is None  # datasets without saliency
+                        else merge_saliency(n, ranges, [w[q]["saliency"] for w in per_window])})
     return results
 
 

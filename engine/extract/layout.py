@@ -78,8 +78,6 @@ def extractors_for(spec: FeatureSpec, dims: dict[str, int] | None = None, text_d
         problems.append(f"video key {spec.video_key!r} (extracted: {VIDEO_KEY!r})")
     if spec.text_dir != TEXT_DIR or spec.text_key != TEXT_KEY:
         problems.append(f"text features {spec.text_dir}/{spec.text_key!r} (extracted: {TEXT_DIR}/{TEXT_KEY!r})")
-    if spec.audio_dir is not None:
-        problems.append(f"audio features {spec.audio_dir}/ (engine.extract has no audio extractor)")
     kinds = [KIND_OF_DIR.get(d, "?") for d in spec.video_dirs]
     if "slowfast" in kinds and not math.isclose(spec.clip_length, SLOWFAST_CLIP_SECONDS):
         problems.append(f"clip_length {spec.clip_length:g} s with SlowFast (SlowFast clips are "
