@@ -45,6 +45,8 @@ from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_
 from .atomic import save_json, save_jsonl
 from .evaluate import evaluate
 from .postprocess import to_records
+from .step import TrainStep, batch_to_device, lr_to_device_
+from .step import make_optimizer as make_step_optimizer
 
 log = logging.getLogger("ld_detr.train")
 
@@ -354,7 +356,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             model.queue_gather = dist_utils.all_gather_cat
         criterion = build_criterion(cfg)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, cfg.lr, cfg.wd, device)
+        if isinstance(criterion, torch.nn.Module):
+            criterion.to(device)  # the device matcher's map table
+        # the one-graph step (engine.step): lr a device tensor, fused AdamW called directly; fp16 keeps the
+        # GradScaler loop (its found_inf is read back on the host)
+        one_graph = args.amp != "fp16"
+        optimizer = (make_step_optimizer if one_graph else make_optimizer)(params, cfg.lr, cfg.wd, device)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         state = {"epoch": 0, "best": -math.inf, "best_epoch": None, "history": [], "best_metrics": None}
@@ -362,6 +369,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             model.load_state_dict(resume_ckpt["model"])
             res = resume_ckpt["resume"]
             optimizer.load_state_dict(res["optimizer"])
+            if one_graph:
+                lr_to_device_(optimizer, device)
             scheduler.load_state_dict(res["scheduler"])
             scaler.load_state_dict(res["scaler"])
             state.update(res["state"])
@@ -374,6 +383,8 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if args.compile:
             run_model = torch.compile(run_model, dynamic=True, backend=args.compile_backend)
+        step_fn = TrainStep(run_model, criterion, optimizer, params, grad_clip=cfg.grad_clip, device=device,
+                            amp=args.amp, compiled=args.compile) if one_graph else None
 
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
@@ -405,11 +416,15 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 if step >= steps:
                     break
                 t0 = time.perf_counter()
-                batch = _to_device(batch, device)
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
                 try:
-                    losses = train_step(run_model, criterion, optimizer, scaler, params, batch, alpha=alpha,
-                                        amp=args.amp, device=device, grad_clip=cfg.grad_clip, compiled=args.compile)
+                    if step_fn is not None:
+                        step_fn.set_alpha(alpha)
+                        losses = step_fn(batch_to_device(batch, device))
+                    else:
+                        losses = train_step(run_model, criterion, optimizer, scaler, params, _to_device(batch, device),
+                                            alpha=alpha, amp=args.amp, device=device, grad_clip=cfg.grad_clip,
+                                            compiled=args.compile)
                 except FloatingPointError as e:  # NaN predictions reach the matcher before the deferred check
                     raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {e}") from None
                 loss = losses["loss"]
@@ -445,7 +460,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 if writer is not None:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, epoch + 1)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch + 1)
+                    writer.add_scalar("train/lr", float(optimizer.param_groups[0]["lr"]), epoch + 1)
 
             last = epoch + 1 == cfg.n_epoch or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
             if main_proc and ((epoch + 1) % args.eval_every == 0 or last):
