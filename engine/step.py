@@ -128,7 +128,8 @@ class TrainStep:
             raise ValueError("TrainStep: fp16 needs the GradScaler's host read; use engine.train.train_step")
         self.run_model, self.criterion, self.optimizer, self.params = run_model, criterion, optimizer, params
         self.grad_clip, self.device, self.amp, self.compiled = grad_clip, device, amp, compiled
-        self.alpha = torch.zeros((), device=device)  # set with set_alpha before each step
+        # set with set_alpha before each step; fp64 like a Python float, so that (1 - alpha) rounds as it does
+        self.alpha = torch.zeros((), dtype=torch.float64, device=device)
 
     def set_alpha(self, alpha: float) -> None:
         self.alpha.fill_(alpha)  # a fill kernel with the value as argument: no copy, no sync

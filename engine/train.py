@@ -45,6 +45,7 @@ from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_
 from .atomic import save_json, save_jsonl
 from .evaluate import evaluate
 from .postprocess import to_records
+from .preload import PreloadedLoader
 from .step import TrainStep, batch_to_device, lr_to_device_
 from .step import make_optimizer as make_step_optimizer
 
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-file", type=Path, default=None, help="train annotation jsonl (default: found in --data-root)")
     d.add_argument("--val-file", type=Path, default=None, help="val annotation jsonl (default: found in --data-root)")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    d.add_argument("--preload", nargs="?", const="fp32", default=None, choices=("fp32", "fp16"),
+                   help="hold the train split's features in memory on the training device (optionally fp16) and "
+                        "cut batches there: no file reads or workers during training")
     d.add_argument("--synthetic-dir", type=Path, default=None,
                    help="where the built-in synthetic dataset is cached (default: $LD_DETR_CACHE or ~/.cache/ld_detr)")
     m = p.add_argument_group("model / optimisation")
@@ -348,6 +352,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         data.spec.check_config(cfg)
         train_loader = make_loader(train_set, cfg.bsz, shuffle=True, num_workers=args.num_workers, seed=args.seed,
                                    device=device, distributed=distributed)
+        if args.preload:
+            train_loader = PreloadedLoader(train_set, cfg.bsz, device, shuffle=True, seed=args.seed,
+                                           fp16=args.preload == "fp16",
+                                           sampler=train_loader.sampler if distributed else None)
+            log.info(f"preloaded {len(train_set)} train items: {train_loader.nbytes / 2**20:.0f} MiB "
+                     f"({args.preload}) on {device} in {train_loader.load_s:.1f} s")
         val_loader = make_loader(val_set, cfg.bsz, shuffle=False, num_workers=args.num_workers, seed=args.seed,
                                  device=device)
 
@@ -412,10 +422,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             t_epoch = time.perf_counter()
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.n_epoch}", leave=False,
                        disable=args.quiet or not main_proc, dynamic_ncols=True)
+            data_wait, t_ready = 0.0, time.perf_counter()
             for step, batch in enumerate(train_loader):
                 if step >= steps:
                     break
                 t0 = time.perf_counter()
+                data_wait += t0 - t_ready  # time the step waited for this batch
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
                 try:
                     if step_fn is not None:
@@ -446,6 +458,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 if step % CHECK_EVERY == 0 or step + 1 == steps:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 bar.update(1)
+                t_ready = time.perf_counter()
             bar.close()
             scheduler.step()
             train_time = time.perf_counter() - t_epoch
@@ -453,10 +466,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             state["epoch"] = epoch + 1
             entry: dict[str, Any] = {"epoch": epoch + 1, "train_time_s": round(train_time, 2),
                                      "steps_per_s": round(steps / max(train_time, 1e-9), 3),
+                                     "data_wait_s": round(data_wait, 3),
                                      "loss": {k: round(v, 5) for k, v in means.items()}}
             if main_proc:
                 log.info(f"epoch {epoch + 1}: loss {means.get('loss', float('nan')):.4f} "
-                         f"({steps} steps, {steps / max(train_time, 1e-9):.2f} it/s)")
+                         f"({steps} steps, {steps / max(train_time, 1e-9):.2f} it/s; waited {data_wait:.2f} s for data, "
+                         f"loader {steps / max(data_wait, 1e-9):.1f} batches/s)")
                 if writer is not None:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, epoch + 1)
