@@ -45,6 +45,7 @@ from .data import DataError, FeatureSpec, MomentDataset, feature_spec_for, load_
 from .atomic import save_json, save_jsonl
 from .evaluate import evaluate
 from .postprocess import to_records
+from .cuda_graph import CudaGraphStep, pad_batch
 from .preload import PreloadedLoader
 from .step import TrainStep, batch_to_device, lr_to_device_
 from .step import make_optimizer as make_step_optimizer
@@ -95,9 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/ld_detr"), help="output folder")
     r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (CPU inductor or CUDA)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (dynamic shapes; the criterion, backward and optimizer "
+                        "stay eager: on CPU compiling them costs more than it saves)")
     r.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
+    r.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: capture the whole training step (engine.step) once per batch shape and replay "
+                        "it; batches padded to fixed length buckets, BatchNorm statistics over valid clips "
+                        "(bn_stats=valid; --set bn_stats=all for the official ones)")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
     r.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
                    help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
@@ -183,6 +190,8 @@ def build_config(args: argparse.Namespace, data: DataSetup) -> LDDETRConfig:
     overrides: dict[str, Any] = dict(SYNTHETIC_OVERRIDES) if data.dataset == "synthetic" else {}
     overrides.update(v_feat_dim=data.spec.v_feat_dim, t_feat_dim=data.spec.t_feat_dim,
                      clip_length=data.spec.clip_length, max_v_l=data.spec.max_v_l, max_q_l=data.spec.max_q_l)
+    if getattr(args, "cuda_graph", False):
+        overrides["bn_stats"] = "valid"  # bucket padding must not change the math (reference.conv_blocks)
     overrides.update(_parse_overrides(args.overrides))
     for flag, field_name in (("epochs", "n_epoch"), ("batch_size", "bsz"), ("lr", "lr")):
         if getattr(args, flag) is not None:
@@ -395,6 +404,11 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             run_model = torch.compile(run_model, dynamic=True, backend=args.compile_backend)
         step_fn = TrainStep(run_model, criterion, optimizer, params, grad_clip=cfg.grad_clip, device=device,
                             amp=args.amp, compiled=args.compile) if one_graph else None
+        if args.cuda_graph:
+            if device.type != "cuda" or step_fn is None:
+                raise TrainError(f"--cuda-graph needs a CUDA device and --amp off/bf16 (got {device}, {args.amp})")
+            step_fn = CudaGraphStep(step_fn, lambda: [*model.state_dict(keep_vars=True).values(),
+                                                      *(t for st in optimizer.state.values() for t in st.values())])
 
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
@@ -432,7 +446,11 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 try:
                     if step_fn is not None:
                         step_fn.set_alpha(alpha)
-                        losses = step_fn(batch_to_device(batch, device))
+                        batch = batch_to_device(batch, device)
+                        if args.cuda_graph:  # fixed shapes: the capped length (or steps of 32 clips), max_q_l tokens
+                            v_len = cfg.max_video_len or -(-batch["video"].shape[1] // 32) * 32
+                            batch = pad_batch(batch, v_len, cfg.max_q_l)
+                        losses = step_fn(batch)
                     else:
                         losses = train_step(run_model, criterion, optimizer, scaler, params, _to_device(batch, device),
                                             alpha=alpha, amp=args.amp, device=device, grad_clip=cfg.grad_clip,
