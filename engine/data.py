@@ -465,7 +465,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
         sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     generator = torch.Generator().manual_seed(int(seed))
     pin = device is not None and torch.device(device).type == "cuda"
-    collate_fn = functools.partial(collate, max_windows=getattr(dataset, "max_windows", None))  # static W
+    # span targets padded to max_windows (static shapes) on CUDA; to the batch's most elsewhere, where a
+    # smaller width makes the exact device matcher cheaper (it enumerates Q!/(Q-W)! maps)
+    windows = getattr(dataset, "max_windows", None) if pin else None
+    collate_fn = functools.partial(collate, max_windows=windows)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin, drop_last=drop_last, generator=generator,
                       persistent_workers=num_workers > 0, worker_init_fn=_worker_init if num_workers > 0 else None)

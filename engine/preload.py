@@ -86,7 +86,8 @@ class PreloadedLoader:
         v_len, t_len = self.v_len[rows], self.t_len[idx]
         length, n_tok = int(v_len.max()), int(t_len.max())  # host numbers: no device read
         labels = [self.dataset.labels(int(i), int(n)) for i, n in zip(idx, v_len)]
-        span_targets, span_mask = pad_spans([lab["span_labels"] for lab in labels], self.dataset.max_windows)
+        width = self.dataset.max_windows if self.device.type == "cuda" else None  # as make_loader pads them
+        span_targets, span_mask = pad_spans([lab["span_labels"] for lab in labels], width)
         sal = torch.zeros(len(idx), length)
         for b, lab in enumerate(labels):
             sal[b, : len(lab["saliency_all_labels"])] = lab["saliency_all_labels"]

@@ -52,13 +52,14 @@ class HungarianMatcher(nn.Module):
         self.cost_class = cost_class
         self.cost_span = cost_span
         self.cost_giou = cost_giou
-        # the (Q*W, P) 0/1 table of match_padded, built here so that .to(device) moves it once (no copy per step)
+        # the 0/1 tables of match_padded for every width W <= max_targets (a batch may be padded to fewer
+        # slots than max_windows), built here so that .to(device) moves them once: no copy per step
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
-        table = maps = torch.empty(0)
-        if num_queries is not None and max_targets is not None:
-            maps, table = injective_map_table(num_queries, max_targets)
-        self.register_buffer("map_table", table, persistent=False)  # (Q'*W, P) float64
-        self.register_buffer("maps", maps, persistent=False)  # (P, W) int64
+        self._widths = range(1, max_targets + 1) if num_queries is not None and max_targets is not None else ()
+        for w in self._widths:
+            maps, table = injective_map_table(num_queries, w)
+            self.register_buffer(f"maps_{w}", maps, persistent=False)  # (P, W) int64
+            self.register_buffer(f"map_table_{w}", table, persistent=False)  # (Q'*W, P) float64
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], span_targets: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -122,9 +123,10 @@ class HungarianMatcher(nn.Module):
 
     def _table(self, num_queries: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
         qq = max(num_queries, width)
-        if self.maps.numel() and self.maps.shape[1] == width and self.map_table.shape[0] == qq * width \
-                and self.maps.device == device:
-            return self.maps, self.map_table
+        if width in self._widths:
+            maps, table = getattr(self, f"maps_{width}"), getattr(self, f"map_table_{width}")
+            if table.shape[0] == qq * width and table.device == device:
+                return maps, table
         key = (qq, width, str(device))
         if key not in self._tables:  # another shape or device: built once (one host-to-device copy), then cached
             maps, table = injective_map_table(num_queries, width)

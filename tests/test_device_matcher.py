@@ -148,6 +148,8 @@ def test_paired_giou_equals_the_matrix_form():
 
 def test_matcher_moves_its_table_with_to():
     m = HungarianMatcher(num_queries=10, max_targets=5)
-    assert m.map_table.shape == (50, 30240)
-    assert "map_table" not in m.state_dict()  # not a checkpoint entry
-    assert m._table(10, 5, torch.device("cpu"))[1] is m.map_table  # no rebuild, no copy
+    assert m.map_table_5.shape == (50, 30240) and m.map_table_2.shape == (20, 90)
+    assert not any("map" in k for k in m.state_dict())  # not checkpoint entries
+    for w in range(1, 6):  # every width a batch may be padded to: no rebuild, no copy
+        assert m._table(10, w, torch.device("cpu"))[1] is getattr(m, f"map_table_{w}")
+    assert m._table(7, 3, torch.device("cpu"))[1].shape == (21, 210)  # another shape: built and cached
