@@ -46,7 +46,7 @@ class PreloadedLoader:
         t0 = time.perf_counter()
         vid_index: dict[str, int] = {}
         videos, texts, vid_of = [], [], []
-        for i, rec in enumerate(dataset.records):
+        for i in range(len(dataset)):
             item = dataset[i]  # reads and checks the features exactly as training without --preload does
             if item["vid"] not in vid_index:
                 vid_index[item["vid"]] = len(videos)

@@ -67,8 +67,9 @@ def lr_to_device_(optimizer: torch.optim.Optimizer, device: torch.device) -> Non
         lr = group["lr"]
         if torch.is_tensor(lr):
             group["lr"] = lr.to(device)
-        else:  # fp64 where the fused kernel takes it (CPU), as a float lr is used; fp32 on CUDA
-            group["lr"] = torch.tensor(lr, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+        else:  # fp64 on CPU (the fused kernel then sees the value a Python float gives it); fp32 on CUDA
+            dtype = torch.float64 if device.type == "cpu" else torch.float32
+            group["lr"] = torch.tensor(lr, dtype=dtype, device=device)
 
 
 @torch.no_grad()

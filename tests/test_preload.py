@@ -45,7 +45,6 @@ def test_preload_refuses_unlabelled_data(tiny_synthetic):
         PreloadedLoader(ds, 4, torch.device("cpu"))
 
 
-@pytest.mark.slow  # two short trainings (~30 s on 2 idle cores); the batch test above covers the batches
 def test_training_with_preload_is_the_same_run(tiny_synthetic, tmp_path):
     """--preload changes where batches come from, not what they are: the same losses and weights."""
     from engine.train import build_parser, train
