@@ -26,6 +26,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -298,13 +299,30 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def pad_spans(spans: list[torch.Tensor], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of B (n_b, 2) span tensors -> zero-padded (B, W, 2) and a (B, W) bool mask (True = a real span).
+
+    ``width`` W defaults to the largest n_b (at least 1); a sample with more than W spans is an error."""
+    most = max([0] + [len(t) for t in spans])
+    width = max(1, most) if width is None else width
+    if most > width:
+        raise ValueError(f"a sample has {most} span labels, more than the padded width {width} (max_windows)")
+    out = torch.zeros(len(spans), width, 2)
+    mask = torch.zeros(len(spans), width, dtype=torch.bool)
+    for b, t in enumerate(spans):
+        out[b, :len(t)] = t
+        mask[b, :len(t)] = True
+    return out, mask
+
+
+def collate(items: list[dict[str, Any]], max_windows: int | None = None) -> dict[str, Any]:
     """Batch :class:`MomentDataset` items.
 
     Returns ``video`` (B, T, Dv) zero-padded, ``video_mask`` (B, T) bool (True = valid), ``text`` (B, N, Dt),
     ``text_mask`` (B, N) bool, ``meta`` (list of {qid, vid, query, duration}) and, when
-    the items carry labels, ``targets`` = {``span_labels``: list of B (n_b, 2) cxw tensors,
-    ``saliency_pos_labels`` / ``saliency_neg_labels``: (B, 2) long, ``saliency_all_labels``: (B, T) float}.
+    the items carry labels, ``targets`` = {``span_labels``: list of B (n_b, 2) cxw tensors, the same padded:
+    ``span_targets`` (B, W, 2) and ``span_mask`` (B, W) bool with W = ``max_windows`` (default: the batch's
+    most), ``saliency_pos_labels`` / ``saliency_neg_labels``: (B, 2) long, ``saliency_all_labels``: (B, T) float}.
     """
     if not items:
         raise ValueError("collate needs at least one item")
@@ -320,8 +338,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"collate: qid {it['qid']!r} has {it['saliency_all_labels'].shape[0]} saliency "
                                  f"labels for {it['video'].shape[0]} clips")
         sal, _ = _pad([it["saliency_all_labels"] for it in items])  # (B, T), zero-padded
+        span_targets, span_mask = pad_spans([it["span_labels"] for it in items], max_windows)
         batch["targets"] = {
             "span_labels": [it["span_labels"] for it in items],
+            "span_targets": span_targets,
+            "span_mask": span_mask,
             "saliency_pos_labels": torch.stack([it["saliency_pos_labels"] for it in items]),
             "saliency_neg_labels": torch.stack([it["saliency_neg_labels"] for it in items]),
             "saliency_all_labels": sal,
@@ -379,7 +400,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_wo
         sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     generator = torch.Generator().manual_seed(int(seed))
     pin = device is not None and torch.device(device).type == "cuda"
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+    # span targets padded to max_windows (static shapes) on CUDA; to the batch's most elsewhere, where a
+    # smaller width makes the exact device matcher cheaper (it enumerates Q!/(Q-W)! maps)
+    windows = getattr(dataset, "max_windows", None) if pin else None
+    collate_fn = functools.partial(collate, max_windows=windows)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin, drop_last=drop_last, generator=generator,
                       persistent_workers=num_workers > 0, worker_init_fn=_worker_init if num_workers > 0 else None)
 

@@ -51,6 +51,10 @@ from .atomic import remove_stale_tmp, save_json, save_jsonl
 from .train_guard import TrainError, any_rank, check_run_flags, error_line, eval_failure, seen_meta, validate_data
 from .evaluate import evaluate
 from .postprocess import to_records
+from .cuda_graph import CudaGraphStep, pad_batch
+from .preload import PreloadedLoader
+from .step import TrainStep, batch_to_device, lr_to_device_
+from .step import make_optimizer as make_step_optimizer
 
 log = logging.getLogger("ld_detr.train")
 
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-file", type=Path, default=None, help="train annotation jsonl (default: found in --data-root)")
     d.add_argument("--val-file", type=Path, default=None, help="val annotation jsonl (default: found in --data-root)")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    d.add_argument("--preload", nargs="?", const="fp32", default=None, choices=("fp32", "fp16"),
+                   help="hold the train split's features in memory on the training device (optionally fp16) and "
+                        "cut batches there: no file reads or workers during training")
     d.add_argument("--synthetic-dir", type=Path, default=None,
                    help="where the built-in synthetic dataset is cached (default: $LD_DETR_CACHE or ~/.cache/ld_detr)")
     m = p.add_argument_group("model / optimisation")
@@ -100,11 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=Path("runs/ld_detr"),
                    help="a folder: checkpoints, predictions, metrics and logs go there")
     r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (CPU inductor or CUDA)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (dynamic shapes; the criterion, backward and optimizer "
+                        "stay eager: on CPU compiling them costs more than it saves)")
     r.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
     r.add_argument("--dtype", "--amp", dest="dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",
                    help="training precision: fp32, or bf16 / fp16 autocast")
+    r.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: capture the whole training step (engine.step) once per batch shape and replay "
+                        "it; batches padded to fixed length buckets, BatchNorm statistics over valid clips "
+                        "(bn_stats=valid; --set bn_stats=all for the official ones)")
     r.add_argument("--kernels", choices=kernels.BACKENDS, default="auto",
                    help="Triton kernels: auto = on CUDA (env LDDETR_KERNELS overrides), triton, or torch")
     cli.add_device(r)
@@ -201,6 +214,8 @@ def build_config(args: argparse.Namespace, data: DataSetup) -> LDDETRConfig:
     overrides: dict[str, Any] = dict(SYNTHETIC_OVERRIDES) if data.dataset == "synthetic" else {}
     overrides.update(v_feat_dim=data.spec.v_feat_dim, t_feat_dim=data.spec.t_feat_dim,
                      clip_length=data.spec.clip_length, max_v_l=data.spec.max_v_l, max_q_l=data.spec.max_q_l)
+    if getattr(args, "cuda_graph", False):
+        overrides["bn_stats"] = "valid"  # bucket padding must not change the math (reference.conv_blocks)
     overrides.update(_parse_overrides(args.overrides))
     for flag, field_name in (("epochs", "n_epoch"), ("batch_size", "bsz"), ("lr", "lr"), ("early_stop", "max_es_cnt")):
         if getattr(args, flag, None) is not None:
@@ -383,6 +398,12 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
         data.spec.check_config(cfg)
         train_loader = make_loader(train_set, cfg.bsz, shuffle=True, num_workers=args.num_workers, seed=args.seed,
                                    device=device, distributed=distributed)
+        if args.preload:
+            train_loader = PreloadedLoader(train_set, cfg.bsz, device, shuffle=True, seed=args.seed,
+                                           fp16=args.preload == "fp16",
+                                           sampler=train_loader.sampler if distributed else None)
+            log.info(f"preloaded {len(train_set)} train items: {train_loader.nbytes / 2**20:.0f} MiB "
+                     f"({args.preload}) on {device} in {train_loader.load_s:.1f} s")
         val_loader = make_loader(val_set, cfg.bsz, shuffle=False, num_workers=args.num_workers, seed=args.seed,
                                  device=device)
 
@@ -391,15 +412,22 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             model.queue_gather = dist_utils.all_gather_cat
         criterion = build_criterion(cfg)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, cfg.lr, cfg.wd, device)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
+        if isinstance(criterion, torch.nn.Module):
+            criterion.to(device)  # the device matcher's map table
+        # the one-graph step (engine.step): lr a device tensor, fused AdamW called directly; fp16 keeps the
+        # GradScaler loop (its found_inf is read back on the host)
         amp = _amp(args)
+        one_graph = amp != "fp16"
+        optimizer = (make_step_optimizer if one_graph else make_optimizer)(params, cfg.lr, cfg.wd, device)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.n_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         state = {"epoch": 0, "best": -math.inf, "best_epoch": None, "history": [], "best_metrics": None}
         if resume_ckpt is not None:
             model.load_state_dict(resume_ckpt["model"])
             res = resume_ckpt["resume"]
             optimizer.load_state_dict(res["optimizer"])
+            if one_graph:
+                lr_to_device_(optimizer, device)
             scheduler.load_state_dict(res["scheduler"])
             scaler.load_state_dict(res["scaler"])
             state.update(res["state"])
@@ -412,6 +440,13 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if args.compile:
             run_model = torch.compile(run_model, dynamic=True, backend=args.compile_backend)
+        step_fn = TrainStep(run_model, criterion, optimizer, params, grad_clip=cfg.grad_clip, device=device,
+                            amp=amp, compiled=args.compile) if one_graph else None
+        if args.cuda_graph:
+            if device.type != "cuda" or step_fn is None:
+                raise TrainError(f"--cuda-graph needs a CUDA device and --dtype fp32/bf16 (got {device}, {cli.dtype_name(args.dtype)})")
+            step_fn = CudaGraphStep(step_fn, lambda: [*model.state_dict(keep_vars=True).values(),
+                                                      *(t for st in optimizer.state.values() for t in st.values())])
 
         if main_proc:
             log.info(f"dataset {data.dataset} ({data.root}): {len(train_set)} train / {len(val_set)} val queries; "
@@ -439,15 +474,25 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             t_epoch = time.perf_counter()
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.n_epoch}", leave=False,
                        disable=args.quiet or not main_proc, dynamic_ncols=True)
+            data_wait, t_ready = 0.0, time.perf_counter()
             for step, batch in enumerate(train_loader):
                 if step >= steps:
                     break
                 t0 = time.perf_counter()
-                batch = _to_device(batch, device)
+                data_wait += t0 - t_ready  # time the step waited for this batch
                 alpha = warmup_alpha(cfg.distillation_coefficient, epoch, step, steps)
                 try:
-                    losses = train_step(run_model, criterion, optimizer, scaler, params, batch, alpha=alpha,
-                                        amp=amp, device=device, grad_clip=cfg.grad_clip, compiled=args.compile)
+                    if step_fn is not None:
+                        step_fn.set_alpha(alpha)
+                        batch = batch_to_device(batch, device)
+                        if args.cuda_graph:  # fixed shapes: the capped length (or steps of 32 clips), max_q_l tokens
+                            v_len = cfg.max_video_len or -(-batch["video"].shape[1] // 32) * 32
+                            batch = pad_batch(batch, v_len, cfg.max_q_l)
+                        losses = step_fn(batch)
+                    else:
+                        losses = train_step(run_model, criterion, optimizer, scaler, params, _to_device(batch, device),
+                                            alpha=alpha, amp=amp, device=device, grad_clip=cfg.grad_clip,
+                                            compiled=args.compile)
                 except FloatingPointError as e:  # NaN predictions reach the matcher before the deferred check
                     raise TrainError(f"non-finite loss at epoch {epoch + 1} step {step}: {e}") from None
                 loss = losses["loss"]
@@ -469,6 +514,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
                 if step % CHECK_EVERY == 0 or step + 1 == steps:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 bar.update(1)
+                t_ready = time.perf_counter()
             bar.close()
             scheduler.step()
             train_time = time.perf_counter() - t_epoch
@@ -476,14 +522,16 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             state["epoch"] = epoch + 1
             entry: dict[str, Any] = {"epoch": epoch + 1, "train_time_s": round(train_time, 2),
                                      "steps_per_s": round(steps / max(train_time, 1e-9), 3),
+                                     "data_wait_s": round(data_wait, 3),
                                      "loss": {k: round(v, 5) for k, v in means.items()}}
             if main_proc:
                 log.info(f"epoch {epoch + 1}: loss {means.get('loss', float('nan')):.4f} "
-                         f"({steps} steps, {steps / max(train_time, 1e-9):.2f} it/s)")
+                         f"({steps} steps, {steps / max(train_time, 1e-9):.2f} it/s; waited {data_wait:.2f} s for data, "
+                         f"loader {steps / max(data_wait, 1e-9):.1f} batches/s)")
                 if writer is not None:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, epoch + 1)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch + 1)
+                    writer.add_scalar("train/lr", float(optimizer.param_groups[0]["lr"]), epoch + 1)
 
             last = epoch + 1 == cfg.n_epoch or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
             eval_error, metrics = None, None

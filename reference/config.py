@@ -8,6 +8,10 @@ Departures from the official options (all documented in the README):
 
 * ``decoder_loops`` (official ``num_decoder_loops``) really loops; ``decoder_loops=1`` is what the
   released code runs (its ``return`` sits inside the loop, spec §7.1.1).
+* ``matcher="device"`` (the default) solves the Hungarian matching exactly on the device for all decoder
+  layers at once (:func:`reference.matcher.assign_min_cost`); ``matcher="scipy"`` is the official host solver.
+* ``bn_stats="valid"`` takes training BatchNorm statistics over valid clips only (used with fixed length
+  buckets, ``--cuda-graph``); ``"all"`` (default) is the official behaviour (:mod:`reference.conv_blocks`).
 * ``use_txt_pos=False`` (the default) builds no text positional table; the official model builds one and
   never uses it (8,704 dead parameters, spec §7.3).
 """
@@ -41,6 +45,7 @@ class LDDETRConfig:
     num_v2t_encoder_layers: int = 2  # the T2V cross-attention layers (official option name)
     num_encoder1_layers: int = 2
     num_convolutional_blocks: int = 5
+    bn_stats: str = "all"  # training BN statistics: "all" positions (official) or "valid" clips only
     num_encoder2_layers: int = 2
     num_decoder_layers: int = 2
     decoder_loops: int = 3  # paper eq. 29-31; 1 reproduces the released code
@@ -78,6 +83,7 @@ class LDDETRConfig:
     grad_clip: float = 0.1
     max_es_cnt: int = 200
     max_windows: int = 5
+    matcher: str = "device"  # "device": exact, batched, on the costs' device; "scipy": the official host solver
 
     # ---- post-processing -------------------------------------------------------------------------
     nms_thd: float = -1.0
@@ -105,6 +111,10 @@ class LDDETRConfig:
             problems.append(f"clip_length must be > 0, got {self.clip_length}")
         if self.span_loss_type != "l1":
             problems.append(f"span_loss_type: only 'l1' is implemented (as in the official release), got {self.span_loss_type!r}")
+        if self.bn_stats not in ("all", "valid"):
+            problems.append(f"bn_stats must be 'all' (official) or 'valid', got {self.bn_stats!r}")
+        if self.matcher not in ("device", "scipy"):
+            problems.append(f"matcher must be 'device' or 'scipy', got {self.matcher!r}")
         if problems:
             raise ValueError("invalid LDDETRConfig: " + "; ".join(problems))
 

@@ -17,14 +17,14 @@ from .v2t_extractor import V2TExtractor
 class ConvolutionalFuser(nn.Module):
     def __init__(self, hidden_dim: int = 256, nheads: int = 8, dim_feedforward: int = 1024, dropout: float = 0.1,
                  v2t_dropout: float = 0.1, num_t2v_layers: int = 2, num_encoder1_layers: int = 2,
-                 num_convolutional_blocks: int = 5, num_encoder2_layers: int = 2):
+                 num_convolutional_blocks: int = 5, num_encoder2_layers: int = 2, bn_stats: str = "all"):
         super().__init__()
         args = (hidden_dim, nheads, dim_feedforward, dropout)
         self.v2t_extractor = V2TExtractor(hidden_dim, v2t_dropout)
         xavier_init(self.v2t_extractor)
         self.t2v_encoder = TransformerEncoder(T2VEncoderLayer, num_t2v_layers, *args)
         self.transformer_encoder1 = TransformerEncoder(TransformerEncoderLayer, num_encoder1_layers, *args)
-        self.convolutional_block = ConvolutionalBlocks(hidden_dim, num_convolutional_blocks)
+        self.convolutional_block = ConvolutionalBlocks(hidden_dim, num_convolutional_blocks, bn_stats)
         self.transformer_encoder2 = TransformerEncoder(TransformerEncoderLayer, num_encoder2_layers, *args)
 
     def forward(self, vid: Tensor, txt: Tensor, vid_mask: Tensor, txt_mask: Tensor, pos_vid: Tensor,

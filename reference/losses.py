@@ -15,6 +15,14 @@ Terms (B samples, Q queries, L clips):
 * ``loss_align``, ``loss_sim``: passed through from the model outputs when present (spec §2.3).
 * ``loss_span_{i}``, ``loss_giou_{i}``, ``loss_label_{i}``: the same for aux output i (matched separately).
 
+Two equal implementations of the matched terms (within float rounding of the sums' order):
+
+* ``solver="device"`` (default): targets padded to (B, W, 2) with a (B, W) mask (``targets["span_targets"]``,
+  ``targets["span_mask"]`` from :func:`engine.data.collate`, or padded here from the list form), all decoder
+  layers stacked and matched in one call (:meth:`HungarianMatcher.match_padded`), every term a masked mean:
+  no per-sample Python, no index tensor built on the host, no host sync, static shapes.
+* ``solver="scipy"``: the official per-sample form (host ``linear_sum_assignment``, index lists).
+
 Departures from the official code:
 
 * When the batch has no matched pair (no targets at all), ``loss_span``/``loss_giou`` are a graph-keeping 0
@@ -60,6 +68,20 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return loss
 
 
+def binary_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """:func:`sigmoid_focal_loss` for targets in {0, 1} (one-hot classes), in fewer ops, no reduction.
+
+    With ``z = (1 - 2t) x``: ``ce = softplus(z)`` and ``1 - p_t = sigmoid(z)``, so
+    ``loss = alpha_t * sigmoid(z)^gamma * softplus(z)``, ``alpha_t = (1 - alpha) - (1 - 2 alpha) t``; the same
+    values (to float rounding, without the ``1 - p_t`` cancellation).
+    """
+    z = (1 - 2 * targets) * logits
+    loss = z.sigmoid() ** gamma * F.softplus(z)
+    if alpha >= 0:
+        loss = ((1 - alpha) - (1 - 2 * alpha) * targets) * loss
+    return loss
+
+
 def saliency_margin_loss(scores: Tensor, pos_idx: Tensor, neg_idx: Tensor, margin: float = 0.2) -> Tensor:
     """Moment-DETR hinge loss on clip pairs: ``2 * sum_{b,p} max(0, margin + s[b, neg_p] - s[b, pos_p]) / (B*P)``.
 
@@ -69,7 +91,7 @@ def saliency_margin_loss(scores: Tensor, pos_idx: Tensor, neg_idx: Tensor, margi
     """
     pos = scores.gather(1, pos_idx)  # (B, P)
     neg = scores.gather(1, neg_idx)  # (B, P)
-    return (margin + neg - pos).clamp(min=0).sum() / pos_idx.numel() * 2
+    return (margin + neg - pos).clamp(min=0).sum() * (2 / pos_idx.numel())
 
 
 def rank_contrastive_loss(scores: Tensor, mask: Tensor, labels: Tensor, temperature: float = 0.5,
@@ -80,22 +102,23 @@ def rank_contrastive_loss(scores: Tensor, mask: Tensor, labels: Tensor, temperat
     ``logp = z - max z - log(sum exp(z - max z) + 1e-6)`` (independent of r), for r = 1..max_rank:
     ``pos = labels >= r``, ``m_b = sum_i pos*logp*mask / (sum_i pos + 1e-6)``,
     ``loss_r = mean_b(-m_b * [row b has a positive])``. Returns ``sum_r loss_r / divisor`` (the official 12).
+    The indicator is implicit: a row with no positive has ``m_b = 0 / 1e-6 = 0`` exactly.
 
     Args:
         scores: (B, L) saliency scores.
         mask: (B, L) bool or 0/1, True/1 = valid clip.
         labels: (B, L) graded saliency labels (QVHL 0..12, binary elsewhere).
     """
-    mask = mask.to(scores.dtype)
-    z = (mask * scores + (1 - mask) * -1e3) / temperature  # (B, L)
+    mask = mask.to(torch.bool)
+    z = torch.where(mask, scores, -1e3) / temperature  # (B, L); = mask*s + (1-mask)*(-1000) exactly
     z = z - z.max(dim=1, keepdim=True).values
     logp = z - torch.log(z.exp().sum(dim=1, keepdim=True) + 1e-6)  # (B, L)
     ranks = torch.arange(1, max_rank + 1, device=scores.device, dtype=labels.dtype)  # (R,)
     pos = (labels[None] >= ranks[:, None, None]).to(scores.dtype)  # (R, B, L)
     n_pos = pos.sum(dim=-1)  # (R, B)
-    mean_logp_pos = (pos * (logp * mask)[None]).sum(dim=-1) / (n_pos + 1e-6)  # (R, B)
-    has_pos = (n_pos > 0).to(scores.dtype)  # (R, B); a rank with no positive in the batch adds exactly 0
-    return (-mean_logp_pos * has_pos).mean(dim=1).sum() / divisor
+    pos_logp = (pos.transpose(0, 1) @ torch.where(mask, logp, 0.0)[:, :, None])[..., 0].t()  # (R, B) sum_i pos*logp
+    mean_logp_pos = pos_logp / (n_pos + 1e-6)  # (R, B)
+    return mean_logp_pos.sum() * (-1.0 / (scores.shape[0] * divisor))  # sum_r mean_b(-m_b) / divisor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,8 +129,11 @@ class SetCriterion(nn.Module):
 
     def __init__(self, matcher: HungarianMatcher, weight_dict: dict[str, float], saliency_margin: float = 0.2,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, rac_temperature: float = 0.5,
-                 aux_loss: bool = True):
+                 aux_loss: bool = True, solver: str = "device"):
         super().__init__()
+        if solver not in ("device", "scipy"):
+            raise ValueError(f"solver must be 'device' or 'scipy', got {solver!r}")
+        self.solver = solver
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.saliency_margin = saliency_margin
@@ -115,6 +141,7 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self.rac_temperature = rac_temperature
         self.aux_loss = aux_loss
+        self._weights: dict[tuple, Tensor] = {}
 
     # ---- targets ----------------------------------------------------------------------------------------
     @staticmethod
@@ -131,7 +158,15 @@ class SetCriterion(nn.Module):
             out.append(t.to(device=device, dtype=dtype))
         return out
 
-    # ---- moment-retrieval terms -------------------------------------------------------------------------
+    @staticmethod
+    def _span_list(targets: dict, bs: int) -> list:
+        """The list form of the span targets (``span_labels``, or unpadded from ``span_targets``/``span_mask``)."""
+        if "span_labels" in targets:
+            return targets["span_labels"]
+        spans, mask = targets["span_targets"], targets["span_mask"].bool()
+        return [spans[b][mask[b]] for b in range(spans.shape[0])]
+
+    # ---- moment-retrieval terms (solver="scipy") --------------------------------------------------------
     @staticmethod
     def _src_permutation_idx(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
@@ -170,6 +205,67 @@ class SetCriterion(nn.Module):
         losses = {**self.loss_spans(outputs, span_targets, indices), **self.loss_labels(outputs, indices)}
         return {k + suffix: v for k, v in losses.items()}
 
+    # ---- moment-retrieval terms, padded and vectorised (solver="device") ----------------------------------
+    def _padded_targets(self, targets: dict, bs: int, device: torch.device,
+                        dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B, W, 2) cxw targets and their (B, W) bool mask: the collated padded form, or padded from the list."""
+        if "span_targets" in targets:
+            spans, mask = targets["span_targets"], targets.get("span_mask")
+            if mask is None or spans.dim() != 3 or spans.shape[0] != bs or spans.shape[-1] != 2 \
+                    or mask.shape != spans.shape[:2]:
+                raise ValueError(f"targets['span_targets'] must be (B={bs}, W, 2) with a (B, W) 'span_mask'; got "
+                                 f"{tuple(spans.shape)} and {None if mask is None else tuple(mask.shape)}")
+            return spans.to(device=device, dtype=dtype), mask.to(device=device, dtype=torch.bool)
+        span_list = self._span_targets(targets["span_labels"], bs, device, dtype)
+        width = max([1] + [len(t) for t in span_list])
+        spans = torch.zeros(bs, width, 2, device=device, dtype=dtype)
+        mask = torch.zeros(bs, width, device=device, dtype=torch.bool)
+        for b, t in enumerate(span_list):  # the list form only; the loader's batches come padded
+            spans[b, :len(t)] = t
+            mask[b, :len(t)] = True
+        return spans, mask
+
+    def _mr_losses_padded(self, layers: list[dict[str, Tensor]], tgt: Tensor,
+                          tgt_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``loss_span``/``loss_giou``/``loss_label`` of every layer at once: (final terms, aux ``_{i}`` terms).
+
+        The matched pairs' L1 and gIoU are read from the matcher's pairwise grids (the same formulas), so the
+        span math runs once for matching and loss."""
+        logits = torch.stack([o["pred_logits"] for o in layers])  # (S, B, Q, C)
+        spans = torch.stack([o["pred_spans"] for o in layers])  # (S, B, Q, 2)
+        cost, l1, giou = self.matcher.pairwise(logits, spans, tgt, tgt_mask)  # (S, B, Q, W) each
+        idx, matched = self.matcher.assign(cost, tgt_mask)  # (S, B, W) each
+        m = matched.to(spans.dtype)  # (S, B, W)
+        n_matched = m.flatten(1).sum(1)  # (S,) matched pairs per layer
+        n_pairs = n_matched.clamp(min=1)  # 0 pairs -> every term 0
+        pair = torch.stack([l1, giou], dim=-1).gather(2, idx[:, :, None, :, None].expand(-1, -1, -1, -1, 2))
+        pair = pair[:, :, 0] * m[..., None]  # (S, B, W, 2): (L1, gIoU) of each matched pair, 0 elsewhere
+        sums = pair.flatten(1, 2).sum(1)  # (S, 2)
+        loss_span = sums[:, 0] / (2 * n_pairs)  # mean over pairs x (center, width)
+        loss_giou = (n_matched - sums[:, 1]) / n_pairs  # mean (1 - gIoU) over pairs
+        fg = torch.zeros_like(logits[..., 0]).scatter_add_(2, idx, m)  # (S, B, Q): 1 = matched (foreground)
+        onehot = torch.stack([fg, 1 - fg, *[torch.zeros_like(fg)] * (logits.shape[-1] - 2)], dim=-1)  # (S,B,Q,C)
+        focal = binary_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        loss_label = focal.flatten(1).mean(1)  # (S,) mean over B*Q*C
+        per_layer = [{"loss_span": loss_span[i], "loss_giou": loss_giou[i], "loss_label": loss_label[i]}
+                     for i in range(len(layers))]
+        aux = {f"{k}_{i}": v for i, terms in enumerate(per_layer[1:]) for k, v in terms.items()}
+        return per_layer[0], aux
+
+    def _weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
+        """``sum_k weight_dict[k] * losses[k]`` as one stack and one dot (the weights cached on the device)."""
+        keys = tuple(k for k in losses if k in self.weight_dict)
+        terms = [losses[k] for k in keys]
+        if not terms or any(t.dim() for t in terms):
+            return sum(self.weight_dict[k] * losses[k] for k in keys)
+        stacked = torch.stack(terms)  # (n,)
+        cache_key = (keys, stacked.device, stacked.dtype)
+        weights = self._weights.get(cache_key)
+        if weights is None:  # once per set of terms (one small host-to-device copy), then reused every step
+            weights = self._weights[cache_key] = torch.tensor([self.weight_dict[k] for k in keys],
+                                                              dtype=stacked.dtype, device=stacked.device)
+        return stacked @ weights
+
     # ---- saliency ---------------------------------------------------------------------------------------
     def loss_saliency(self, outputs: dict[str, Tensor], targets: dict) -> dict[str, Tensor]:
         """``loss_saliency`` = margin loss + rank-aware contrastive loss (final outputs only)."""
@@ -205,6 +301,8 @@ class SetCriterion(nn.Module):
                 optional scalars "loss_align", "loss_sim" (passed through).
             targets: dict with
                 "span_labels": list of B (n_b, 2) cxw tensors, or of {"spans": (n_b, 2)} dicts (n_b may be 0);
+                or (preferred, static shapes) "span_targets" (B, W, 2) cxw zero-padded with "span_mask" (B, W)
+                bool, True = a real target;
                 optional "saliency_pos_labels", "saliency_neg_labels": (B, P) long;
                 optional "saliency_all_labels": (B, L) float.
         Returns:
@@ -213,12 +311,19 @@ class SetCriterion(nn.Module):
             ``"loss"`` = sum of ``weight_dict[k] * term`` over the terms that have a weight.
         """
         pred_spans = outputs["pred_spans"]
-        span_targets = self._span_targets(targets["span_labels"], pred_spans.shape[0], pred_spans.device,
-                                          pred_spans.dtype)
+        bs = pred_spans.shape[0]
         aux = outputs.get("aux_outputs", []) if self.aux_loss else []
-        # one matching call for the final and the aux layers: one device -> host transfer per step
-        all_indices = self.matcher.match_many([outputs, *aux], span_targets)
-        losses = self._mr_losses(outputs, span_targets, suffix="", indices=all_indices[0])
+        if self.solver == "device":
+            tgt, tgt_mask = self._padded_targets(targets, bs, pred_spans.device, pred_spans.dtype)
+            losses, aux_losses = self._mr_losses_padded([outputs, *aux], tgt, tgt_mask)
+        else:
+            span_targets = self._span_targets(self._span_list(targets, bs), bs, pred_spans.device, pred_spans.dtype)
+            # one matching call for the final and the aux layers: one device -> host transfer per step
+            all_indices = self.matcher.match_many([outputs, *aux], span_targets)
+            losses = self._mr_losses(outputs, span_targets, suffix="", indices=all_indices[0])
+            aux_losses = {}
+            for i, (aux_out, idx) in enumerate(zip(aux, all_indices[1:])):
+                aux_losses.update(self._mr_losses(aux_out, span_targets, suffix=f"_{i}", indices=idx))
 
         sal_keys = ("saliency_pos_labels", "saliency_neg_labels", "saliency_all_labels")
         present = [k for k in sal_keys if k in targets]
@@ -233,10 +338,8 @@ class SetCriterion(nn.Module):
             if k in outputs:
                 losses[k] = outputs[k]
 
-        for i, (aux_out, idx) in enumerate(zip(aux, all_indices[1:])):
-            losses.update(self._mr_losses(aux_out, span_targets, suffix=f"_{i}", indices=idx))
-
-        losses["loss"] = sum(self.weight_dict[k] * v for k, v in losses.items() if k in self.weight_dict)
+        losses.update(aux_losses)
+        losses["loss"] = self._weighted_total(losses)
         return losses
 
 
@@ -270,12 +373,14 @@ def build_criterion(cfg) -> SetCriterion:
         focal_gamma=cfg.focal_gamma,
         rac_temperature=cfg.rac_temperature,
         aux_loss=cfg.aux_loss,
+        solver=cfg.matcher,
     )
 
 
 __all__ = [
     "SetCriterion",
     "sigmoid_focal_loss",
+    "binary_focal_loss",
     "saliency_margin_loss",
     "rank_contrastive_loss",
     "build_weight_dict",

@@ -66,7 +66,7 @@ class LDDETR(nn.Module):
         self.position_embed = PositionEmbeddingSine(d)
         self.convolutional_fuser = ConvolutionalFuser(
             d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.v2t_dropout, cfg.num_v2t_encoder_layers,
-            cfg.num_encoder1_layers, cfg.num_convolutional_blocks, cfg.num_encoder2_layers)
+            cfg.num_encoder1_layers, cfg.num_convolutional_blocks, cfg.num_encoder2_layers, cfg.bn_stats)
         self.query_embed = nn.Embedding(cfg.num_queries, 2)  # learned un-sigmoided (center, width) anchors
         self.loop_decoder = LoopDecoder(cfg.num_decoder_layers, d, cfg.nheads, cfg.dim_feedforward, cfg.dropout,
                                         loops=cfg.decoder_loops)

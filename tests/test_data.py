@@ -287,6 +287,13 @@ def test_collate_padding_masks_and_targets(tmp_path):
         assert batch["text"][b, len(it["text"]):].abs().sum() == 0
     tg = batch["targets"]
     assert [s.shape for s in tg["span_labels"]] == [(2, 2)] * 3
+    assert tg["span_targets"].shape == (3, 2, 2) and tg["span_mask"].all()  # padded to the batch's most
+    padded = collate(items, max_windows=5)["targets"]
+    assert padded["span_targets"].shape == (3, 5, 2) and padded["span_mask"].sum(1).tolist() == [2, 2, 2]
+    torch.testing.assert_close(padded["span_targets"][:, :2], torch.stack(tg["span_labels"]))
+    assert padded["span_targets"][:, 2:].abs().sum() == 0
+    with pytest.raises(ValueError, match="more than the padded width 1"):
+        collate(items, max_windows=1)
     assert tg["saliency_pos_labels"].shape == (3, 2) and tg["saliency_pos_labels"].dtype == torch.long
     assert tg["saliency_neg_labels"].shape == (3, 2) and tg["saliency_neg_labels"].dtype == torch.long
     assert tg["saliency_all_labels"].shape == (3, 7) and tg["saliency_all_labels"].dtype == torch.float32
