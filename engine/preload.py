@@ -35,8 +35,6 @@ class PreloadedLoader:
                  seed: int = 0, fp16: bool = False, sampler=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if dataset.spec.audio_dir is not None:
-            raise DataError("--preload does not support audio features; train without --preload")
         if not dataset.load_labels:
             raise DataError("--preload holds a training split: the dataset must load labels")
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 #: batch keys the step needs on the device (the rest, e.g. "meta" and the list "span_labels", stays)
-DEVICE_KEYS = ("video", "video_mask", "text", "text_mask", "audio")
+DEVICE_KEYS = ("video", "video_mask", "text", "text_mask")
 TARGET_KEYS = ("span_targets", "span_mask", "saliency_pos_labels", "saliency_neg_labels", "saliency_all_labels")
 
 

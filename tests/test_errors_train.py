@@ -24,6 +24,12 @@ def _err(capsys) -> str:
     return err.splitlines()[-1] if err else ""
 
 
+def _patch_step(monkeypatch, fn) -> None:
+    """Replace the training step, both forms: the one-graph ``engine.step.TrainStep`` and the fp16 loop."""
+    monkeypatch.setattr(train_mod, "train_step", fn)
+    monkeypatch.setattr(train_mod.TrainStep, "__call__", fn)
+
+
 @pytest.mark.parametrize("flags, text", [
     (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     (["--eval-every", "0"], "--eval-every: must be >= 1, got 0"),
@@ -31,6 +37,7 @@ def _err(capsys) -> str:
     (["--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),
     (["--dtype", "fp8"], "--dtype: invalid choice 'fp8'"),
 ])
+
 def test_bad_flags_exit_2_with_one_line(flags, text, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "o"), *flags])
@@ -76,7 +83,7 @@ def test_bad_val_data_is_refused_before_the_first_step(bad, text, tiny_synthetic
     records = [] if bad == "empty" else [val[0], rec] + val[2:]
     root = _copy(tiny_synthetic, tmp_path / "data", records)
     steps = []
-    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: steps.append(1))
+    _patch_step(monkeypatch, lambda *a, **k: steps.append(1))
     assert main(["--data-root", str(root), "--out", str(tmp_path / "o"), *TINY]) == 2
     err = _err(capsys)
     assert err.startswith("error: val data: ") and text in err and "python -m engine.data check" in err
@@ -106,7 +113,7 @@ def test_ctrl_c_says_how_to_resume_and_stale_tmp_is_removed(tiny_synthetic, tmp_
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "train_step", interrupt)
+    _patch_step(monkeypatch, interrupt)
     assert main(["--data-root", str(tiny_synthetic), "--out", str(out), *TINY]) == 130
     err = capsys.readouterr().err
     assert "removed .latest.pt.abc123.tmp" in err and not stale.exists()
@@ -137,7 +144,7 @@ def test_dataloader_worker_error_is_unwrapped(tiny_synthetic, tmp_path, capsys, 
         except DataError:
             ExceptionWrapper(where="in DataLoader worker process 0").reraise()
 
-    monkeypatch.setattr(train_mod, "train_step", worker_failure)
+    _patch_step(monkeypatch, worker_failure)
     assert main(["--data-root", str(tiny_synthetic), "--out", str(tmp_path / "o"), *TINY]) == 2
     assert _err(capsys) == ("error: in a DataLoader worker: DataError: /data/clip_features/v1.npz: video features "
                             "has NaN/inf values in 3 of 8 rows")
