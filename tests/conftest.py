@@ -134,7 +134,6 @@ def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A tiny random-weight CLIP model + tokenizer folder (``transformers`` save_pretrained)."""
-    pytest.importorskip("transformers")
     from extract_helpers import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -7,13 +7,10 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("av")
-pytest.importorskip("transformers")
+from extract_helpers import write_video, write_zero_length
 
-from extract_helpers import write_video, write_zero_length  # noqa: E402
-
-from engine.extract.__main__ import main  # noqa: E402
-from engine.features import FeatureSpec, read_text_features, read_video_features  # noqa: E402
+from engine.extract.__main__ import main
+from engine.features import FeatureSpec, read_text_features, read_video_features
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
 
-from engine.extract.clip import CLIP_MEAN, CLIP_STD, MAX_TEXT_TOKENS, CLIPError, CLIPExtractor, normalize_clip  # noqa: E402
+from engine.extract.clip import CLIP_MEAN, CLIP_STD, MAX_TEXT_TOKENS, CLIPError, CLIPExtractor, normalize_clip
 
 
 @pytest.fixture(scope="module")

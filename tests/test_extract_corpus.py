@@ -11,12 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("av")
-pytest.importorskip("transformers")
+from extract_helpers import write_video
 
-from extract_helpers import write_video  # noqa: E402
-
-from engine.extract.__main__ import main  # noqa: E402
+from engine.extract.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("av")
+from extract_helpers import write_audio_only, write_video, write_zero_length
 
-from extract_helpers import write_audio_only, write_video, write_zero_length  # noqa: E402
-
-from engine.extract.decode import (Target, VideoError, decode, normalize_rotation, output_count,  # noqa: E402
+from engine.extract.decode import (Target, VideoError, decode, normalize_rotation, output_count,
                                    pick_frames, probe, read_frames, rotate)
 
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-pytest.importorskip("av")
-pytest.importorskip("transformers")
+from extract_helpers import tiny_model, write_video
 
-from extract_helpers import tiny_model, write_video  # noqa: E402
-
-from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.extract.__main__ import main as extract_main  # noqa: E402
-from engine.features import FeatureSpec, read_array  # noqa: E402
-from engine.predict import Predictor  # noqa: E402
-from engine.predict import main as predict_main  # noqa: E402
+from engine.checkpoint import save_checkpoint
+from engine.extract.__main__ import main as extract_main
+from engine.features import FeatureSpec, read_array
+from engine.predict import Predictor
+from engine.predict import main as predict_main
 
 SF, CL, TXT = 288, 16, 24  # tiny SlowFast / tiny CLIP dims
 
@@ -37,8 +33,10 @@ def ckpts(tmp_path_factory):
 def test_video_cli_equals_extract_then_predict(ckpts, tmp_path, tiny_clip_dir, capsys):
     video = write_video(tmp_path / "clip.mp4", 100, 10, 48, 32, audio=True)  # 10 s -> 5 clips
     queries = ["a man runs", "dogs bark"]
-    rc = predict_main(["--ckpt", str(ckpts / "both.pt"), "--video", str(video), "--query", queries[0], "--query",
-                       queries[1], "--clip", str(tiny_clip_dir), "--slowfast-test-config", "tiny", "--device", "cpu",
+    qfile = tmp_path / "queries.txt"  # plain lines or jsonl with "query"
+    qfile.write_text('\n{"query": "dogs bark"}\n')
+    rc = predict_main(["--ckpt", str(ckpts / "both.pt"), "--video", str(video), "--query", queries[0], "--queries",
+                       str(qfile), "--clip", str(tiny_clip_dir), "--slowfast-test-config", "tiny", "--device", "cpu",
                        "--kernels", "torch", "--cache-dir", str(tmp_path / "cache"), "--plot", str(tmp_path / "plots")])
     assert rc == 0
     got = json.loads(capsys.readouterr().out)
