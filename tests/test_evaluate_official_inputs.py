@@ -16,18 +16,11 @@ import pytest
 
 from engine.evaluate import EvaluationNote, evaluate_qvhighlights, evaluate_tvsum, load_jsonl, main
 
+from conftest import SHARED
+from test_evaluate import _flat
+
 REPO = Path(__file__).resolve().parents[1]
-QVH = REPO.parent / "shared" / "data" / "qvhighlights"
-if not QVH.is_dir():  # worktrees sit one level deeper than /work/main
-    QVH = Path("/work/shared/data/qvhighlights")
-
-
-def _flat(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
+QVH = SHARED / "data" / "qvhighlights"
 
 
 @pytest.fixture(scope="module")
