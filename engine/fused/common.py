@@ -8,6 +8,8 @@ with nothing between them) is as accurate as the reference's own two roundings.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,3 +90,66 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, h, S, e) -> (B, S, h * e)."""
     b, h, s, e = x.shape
     return x.transpose(1, 2).reshape(b, s, h * e)
+
+
+# Attention. On CUDA one fused ``scaled_dot_product_attention`` kernel. On CPU, at this model's sizes (10-75
+# queries, 32-75 keys, head dims 32/64), aten's flash-attention kernel has a high fixed cost: the plain
+# ``baddbmm(mask bias, q, k^T) -> softmax -> bmm`` is 1.3-2.5x faster in fp32 (and 2-10x for the decoder's
+# cross-attention, whose q/k and v head dims differ, in bf16), so that is what runs there. The masked
+# keys get the dtype's lowest finite value added (their softmax weight is exactly 0, as with SDPA's bool mask).
+Mask = tuple  # (keep4 (B, 1, 1, Lk) bool, bias (B * h, 1, Lk) additive or None): see :func:`attention_mask`
+
+
+ATTENTION_SCHEDULES = ("auto", "sdpa", "bmm")
+_schedule = ["auto"]
+
+
+@contextlib.contextmanager
+def attention_schedule(name: str):
+    """Force one attention form inside the block: "sdpa" (what CUDA runs; op counts of the CUDA schedule are
+    taken on CPU this way), "bmm", or "auto" (the default: bmm off CUDA, SDPA on CUDA)."""
+    if name not in ATTENTION_SCHEDULES:
+        raise ValueError(f"attention schedule must be one of {ATTENTION_SCHEDULES}, got {name!r}")
+    old, _schedule[0] = _schedule[0], name
+    try:
+        yield
+    finally:
+        _schedule[0] = old
+
+
+def use_bmm_attention(x: Tensor) -> bool:
+    """The baddbmm/softmax/bmm form off CUDA, SDPA on CUDA (one fused kernel); see :func:`attention_schedule`."""
+    if _schedule[0] != "auto":
+        return _schedule[0] == "bmm"
+    return x.device.type != "cuda"
+
+
+def attention_mask(keep: Tensor, h: int, dtype: torch.dtype) -> Mask:
+    """keep (B, Lk) bool, True = attend -> (keep4, bias): built once per forward for every layer reading it."""
+    keep4 = keep[:, None, None, :]
+    if not use_bmm_attention(keep):
+        return keep4, None
+    b, lk = keep.shape
+    bias = torch.where(keep4, 0.0, torch.finfo(dtype).min)  # (B, 1, 1, Lk) float32
+    if bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return keep4, bias.expand(b, h, 1, lk).reshape(b * h, 1, lk)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, scale: float, sdpa_in_half: bool = False) -> Tensor:
+    """softmax(q k^T * scale + mask) v per head: q (B, h, Lq, e), k (B, h, Lk, e), v (B, h, Lk, ev) (views in any
+    layout; a (B, h, e, Lk)-contiguous k^T makes the bmm copy-free) -> (B, Lq, h * ev).
+
+    ``sdpa_in_half``: use SDPA on CPU too for bf16/fp16 (faster there for the video self-attention)."""
+    half = q.dtype != torch.float32
+    if not use_bmm_attention(q) or (half and sdpa_in_half):
+        keep4 = None if mask is None else mask[0]
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=keep4, scale=scale))
+    b, h, lq, e = q.shape
+    lk = k.shape[2]
+    qf, kt, vf = q.reshape(b * h, lq, e), k.reshape(b * h, lk, e).transpose(1, 2), v.reshape(b * h, lk, -1)
+    if mask is None:
+        s = torch.bmm(qf, kt).mul_(scale)
+    else:
+        s = torch.baddbmm(mask[1], qf, kt, alpha=scale)  # (B h, Lq, Lk)
+    return merge_heads(torch.bmm(torch.softmax(s, -1), vf).view(b, h, lq, -1))

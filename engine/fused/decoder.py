@@ -47,7 +47,8 @@ from reference.decoder import LoopDecoder
 from reference.position_encoding import anchor_sine_embed
 from reference.span_utils import inverse_sigmoid
 
-from .common import FusedModule, block_diag, chain, f64, heads, layer_norm, merge_heads, residual, rows, wb
+from .common import (FusedModule, Mask, attention, attention_mask, block_diag, chain, f64, heads, layer_norm,
+                     merge_heads, residual, rows, wb, use_bmm_attention)
 from .positions import anchor_sine, anchor_sine_constants
 
 
@@ -168,26 +169,35 @@ class FusedLoopDecoder(FusedModule):
 
     # ------------------------------------------------------------------------------------------------
     def _memory_side(self, memory: Tensor, pos: Tensor) -> tuple[list, list, Tensor]:
+        """Per layer: keys (B, H, L, 2 hd) ``[k_content | k_pos]`` per head and values (B, H, L, hd), as views
+        of (B, H, 2 hd, L)- and (B, H, L, hd)-contiguous tensors off CUDA (the bmm attention reads them without a
+        copy, once per loop) or of the GEMM outputs on CUDA (SDPA's layout); the extra memory columns."""
         b, l, d = memory.shape
         h, hd = self.nhead, self.hd
         kv = F.linear(memory, self.mem_w, self.mem_b)  # (B, L, 2d * n_layers + extra)
         kp = F.linear(pos, self.kpos_w, self.kpos_b)  # (B, L, d * n_layers)
+        bmm = use_bmm_attention(memory)
         keys, values = [], []
         for i in range(self.nl):
             kc, kpi = kv[..., 2 * d * i: 2 * d * i + d], kp[..., d * i: d * (i + 1)]
             if i == 0:  # the first layer's content keys carry the positions too
                 kc = kc + kpi
-            k = torch.cat([kc.reshape(b, l, h, hd), kpi.reshape(b, l, h, hd)], -1)  # (B, L, H, 2 hd)
-            keys.append(k.transpose(1, 2))  # (B, H, L, 2 hd)
-            values.append(heads(kv[..., 2 * d * i + d: 2 * d * (i + 1)], h))  # (B, H, L, hd)
+            kc, kpi = kc.reshape(b, l, h, hd), kpi.reshape(b, l, h, hd)
+            v = kv[..., 2 * d * i + d: 2 * d * (i + 1)]
+            if bmm:  # k^T (B, H, 2 hd, L) and v (B, H, L, hd) contiguous
+                keys.append(torch.cat([kc.permute(0, 2, 3, 1), kpi.permute(0, 2, 3, 1)], 2).transpose(2, 3))
+                values.append(heads(v, h).contiguous())
+            else:
+                keys.append(torch.cat([kc, kpi], -1).transpose(1, 2))  # (B, H, L, 2 hd)
+                values.append(heads(v, h))
         return keys, values, kv[..., 2 * d * self.nl:]
 
-    def _cross(self, i: int, t1: Tensor, q: Tensor, key: Tensor, value: Tensor, vkeep4: Tensor) -> Tensor:
+    def _cross(self, i: int, t1: Tensor, q: Tensor, key: Tensor, value: Tensor, vmask: Mask) -> Tensor:
         """Cross-attention + norm2 + FFN + norm3 of layer i. t1 (B, Q, d) (or the (Q, d) loop-0 constant),
         q (B, H, Q, 2 hd)."""
         e1, e2, e3 = self.eps[i]
-        a = F.scaled_dot_product_attention(q, key, value, attn_mask=vkeep4, scale=(2 * self.hd) ** -0.5)
-        t2 = layer_norm(residual(t1, merge_heads(a), getattr(self, f"cao{i}_w")),
+        a = attention(q, key, value, vmask, (2 * self.hd) ** -0.5)  # (B, Q, d)
+        t2 = layer_norm(residual(t1, a, getattr(self, f"cao{i}_w")),
                         (getattr(self, f"norm2_{i}_w"), getattr(self, f"norm2_{i}_b")), e2)
         p = F.prelu(F.linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")), getattr(self, f"prelu_{i}"))
         return layer_norm(residual(t2, p, getattr(self, f"l2_{i}_w")),
@@ -200,7 +210,7 @@ class FusedLoopDecoder(FusedModule):
         return layer_norm(residual(x, merge_heads(a), getattr(self, f"sao{i}_w")),
                           (getattr(self, f"norm1_{i}_w"), getattr(self, f"norm1_{i}_b")), self.eps[i][0])
 
-    def _layer(self, i: int, x: Tensor, pre: Tensor | None, key: Tensor, value: Tensor, vkeep4: Tensor):
+    def _layer(self, i: int, x: Tensor, pre: Tensor | None, key: Tensor, value: Tensor, vmask: Mask):
         """Layer i > 0 or layer 0 after loop 0. x (B, Q, d) the layer input; pre (B, Q, 2) fp32 the previous
         layer's reference before its sigmoid (None for layer 0). Returns (out, this layer's reference before
         its sigmoid)."""
@@ -213,7 +223,7 @@ class FusedLoopDecoder(FusedModule):
             t1 = self._self(0, x, g, g[..., d:3 * d])
             qin = torch.cat([t1, sine.to(x.dtype) if half else sine], -1)
             q = torch.baddbmm(self.q0_c, qin, self.q0_w.t().expand(b, -1, -1))  # (B, Q, 2d)
-            return self._cross(0, t1, heads(q, h), key, value, vkeep4), None
+            return self._cross(0, t1, heads(q, h), key, value, vmask), None
         g = F.linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
         z = F.linear(g[..., :3 * d].relu(), getattr(self, f"z{i}_w"), getattr(self, f"z{i}_b"))  # [bb2 | qs2 | rah2]
         bb = z[..., :d].relu()
@@ -233,19 +243,22 @@ class FusedLoopDecoder(FusedModule):
         t1 = self._self(i, x, g, qk)
         mod = sine * z[..., d:2 * d] * scale
         q = F.linear(torch.cat([t1, mod], -1), getattr(self, f"q{i}_w"), getattr(self, f"q{i}_b"))
-        return self._cross(i, t1, heads(q, h), key, value, vkeep4), new_pre
+        return self._cross(i, t1, heads(q, h), key, value, vmask), new_pre
 
-    def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor, vmask: Mask | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """``vmask``: the video's attention mask if the caller already built it (shared with the fuser)."""
         b = memory.shape[0]
         keys, values, extra = self._memory_side(memory, pos)
-        vkeep4 = vkeep[:, None, None, :]
+        if vmask is None:
+            vmask = attention_mask(vkeep, self.nhead, memory.dtype)
         x = None
         pre = None
         for j in range(self.loops):
             for i in range(self.nl):
                 if j == 0 and i == 0:  # constant up to the cross-attention query
-                    x = self._cross(0, self.t1_loop0, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vkeep4)
+                    x = self._cross(0, self.t1_loop0, self.qca_loop0.expand(b, -1, -1, -1), keys[0], values[0], vmask)
                 else:
-                    x, pre = self._layer(i, x, pre, keys[i], values[i], vkeep4)
+                    x, pre = self._layer(i, x, pre, keys[i], values[i], vmask)
             x = layer_norm(x, (self.norm_w, self.norm_b), self.norm_eps)  # next loop's tgt; the last loop's hs
         return x, (self.inv0 if pre is None else _inverse_of_sigmoid(pre)), extra

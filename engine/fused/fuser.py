@@ -13,10 +13,12 @@ reference, all derived from its weights at build time:
   ``cqa_linear`` is folded into the first half of ``conv1d`` (two linears with nothing between them) and the
   pooled text vector enters the same GEMM;
 * attention projections packed (q and k of the self-attention in one GEMM, k and v of the T2V layers in the
-  text GEMM), one ``scaled_dot_product_attention`` call per attention;
+  text GEMM); attention is one SDPA kernel on CUDA and baddbmm/softmax/bmm off it
+  (:func:`engine.fused.common.attention`), the mask bias built once per forward;
 * Convolutional Blocks: BatchNorm folded once into buffers (``kernels.conv_block.fold_conv_bn``); off CUDA
-  each k=3 conv is one GEMM over the three shifted inputs ``[x_{t-1} | x_t | x_{t+1}]``, the second with the
-  residual accumulated in the same ``addmm``; on CUDA the fused Triton block kernel. Padded clips are zero
+  each k=3 conv is one GEMM over the three shifted inputs ``[x_{t-1} | x_t | x_{t+1}]`` plus mask columns
+  that zero the padded clips inside the GEMM (see :class:`FusedConvBlocks`), the second with the residual
+  accumulated in the same ``addmm``; on CUDA the fused Triton block kernel. Padded clips are zero
   between blocks (the reference zeroes them before each conv), so only valid clips of the result are defined,
   as in the reference.
 """
@@ -33,7 +35,8 @@ from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
 from reference.unimodal_encoder import UnimodalEncoder
 from reference.v2t_extractor import V2TExtractor
 
-from .common import FusedModule, chain, f64, heads, layer_norm, masked, merge_heads, mha_wb, residual, rows, wb
+from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
+                     residual, rows, wb)
 
 
 def _ln(module) -> tuple[Tensor, Tensor]:
@@ -145,8 +148,7 @@ class _FFN(FusedModule):
         self.put("ow", f64(layer.self_attn.out_proj.weight)), self.put("ob", f64(layer.self_attn.out_proj.bias))
 
     def _attn_residual(self, x: Tensor, a: Tensor) -> Tensor:
-        """x + out_proj(a): one addmm when x carries the bias."""
-        a = merge_heads(a)
+        """x + out_proj(a) for a (B, L, d) merged heads: one addmm when x carries the bias."""
         return residual(x, a, self.ow) if self.in_shifted else x + F.linear(a, self.ow, self.ob)
 
     def _hidden(self, x: Tensor) -> Tensor:
@@ -159,7 +161,8 @@ def _shift_in(w: Tensor, b: Tensor, shift: Tensor | None) -> Tensor:
 
 
 class FusedT2VLayer(_FFN):
-    """forward(vid (B, L, d), pos (B, L, d), kv (B, N, 2d) [k | v] from the text GEMM, tkeep4 (B, 1, 1, N))."""
+    """forward(vid (B, L, d), pos (B, L, d), kv (B, N, 2d) [k | v] from the text GEMM, tmask (the text's
+    :func:`~engine.fused.common.attention_mask`))."""
 
     replaces = "reference.transformer.T2VEncoderLayer"
 
@@ -170,11 +173,11 @@ class FusedT2VLayer(_FFN):
         wq, _, _, bq, _, _ = mha_wb(layer.self_attn)
         self.put("qw", wq), self.put("qb", _shift_in(wq, bq, f64(layer.self_attn.out_proj.bias) if in_shifted else None))
 
-    def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tkeep4: Tensor) -> Tensor:
+    def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tmask: Mask) -> Tensor:
         d = vid.shape[-1]
         q = F.linear(vid + pos, self.qw, self.qb)
-        a = F.scaled_dot_product_attention(heads(q, self.nhead), heads(kv[..., :d], self.nhead),
-                                           heads(kv[..., d:], self.nhead), attn_mask=tkeep4)
+        h = self.nhead
+        a = attention(heads(q, h), heads(kv[..., :d], h), heads(kv[..., d:], h), tmask, (d // h) ** -0.5)
         vid = self._attn_residual(vid, a)
         # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
         f = F.linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
@@ -182,7 +185,8 @@ class FusedT2VLayer(_FFN):
 
 
 class FusedEncoderLayer(_FFN):
-    """forward(x (B, L, d), pos (B, L, d), vkeep4 (B, 1, 1, L)) -> (B, L, d)."""
+    """forward(x (B, L, d), pos (B, L, d), vmask (the video's :func:`~engine.fused.common.attention_mask`)) ->
+    (B, L, d)."""
 
     replaces = "reference.transformer.TransformerEncoderLayer"
 
@@ -196,19 +200,25 @@ class FusedEncoderLayer(_FFN):
         self.put("qkw", qkw), self.put("qkb", _shift_in(qkw, qkb, s))
         self.put("vw", wv), self.put("vb", _shift_in(wv, bv, s))
 
-    def forward(self, x: Tensor, pos: Tensor, vkeep4: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, vmask: Mask) -> Tensor:
         d = x.shape[-1]
         qk = F.linear(x + pos, self.qkw, self.qkb)
         v = F.linear(x, self.vw, self.vb)
-        a = F.scaled_dot_product_attention(heads(qk[..., :d], self.nhead), heads(qk[..., d:], self.nhead),
-                                           heads(v, self.nhead), attn_mask=vkeep4)
+        h = self.nhead
+        a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5,
+                      sdpa_in_half=True)
         x = layer_norm(self._attn_residual(x, a), (self.n1w, self.n1b), self.eps1)
         return layer_norm(residual(x, self._hidden(x), self.l2w), (self.n2w, self.n2b), self.eps2)
 
 
 class FusedConvBlocks(FusedModule):
     """Convolutional Blocks with BN folded. forward(x (B, L, d) zero at padded clips, m (B, L, 1) float
-    valid mask, vkeep (B, L) bool) -> (B, L, d), zero at padded clips."""
+    valid mask, vkeep (B, L) bool) -> (B, L, d), zero at padded clips.
+
+    Off CUDA each k=3 conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1} | (m) | 1 - m]``: the ``1 - m`` column
+    meets a weight row of the dtype's lowest finite value, so a padded clip's pre-activation is that value
+    (or -inf) and its ReLU output exactly 0 — the padding mask costs no op; on a valid clip the row adds an
+    exact -0. Conv2's bias rides on the ``m`` column, so the residual ``x`` is the addmm input."""
 
     replaces = "reference.conv_blocks.ConvolutionalBlocks"
     kernel_backend: str = "auto"
@@ -223,11 +233,17 @@ class FusedConvBlocks(FusedModule):
             w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)  # (D_out, D_in, 3), (D_out,) float64
             w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
             d = w1.shape[0]
+            low = torch.full((1, d), torch.finfo(torch.float32).min, dtype=torch.float64)
             # (3 * D_in, D_out) with row k * D_in + c = W'[:, c, k]: the GEMM over [x_{t-1} | x_t | x_{t+1}]
-            self.put(f"w1_{i}", w1.permute(2, 1, 0).reshape(3 * d, d))
+            self.put(f"w1_{i}", torch.cat([w1.permute(2, 1, 0).reshape(3 * d, d), low], 0))  # + the 1 - m row
             self.put(f"b1_{i}", b1)
-            # conv2's bias as a last row, read by the mask column (zero at padded clips)
-            self.put(f"w2_{i}", torch.cat([w2.permute(2, 1, 0).reshape(3 * d, d), b2[None]], 0))
+            self.put(f"w2_{i}", torch.cat([w2.permute(2, 1, 0).reshape(3 * d, d), b2[None], low], 0))  # m, 1 - m
+
+    def after_dtype(self, dtype: torch.dtype) -> None:
+        """The masking rows hold the new dtype's lowest finite value (fp32's would be -inf in fp16)."""
+        for i in range(self.n):
+            getattr(self, f"w1_{i}")[-1] = torch.finfo(dtype).min
+            getattr(self, f"w2_{i}")[-1] = torch.finfo(dtype).min
 
     def _use_kernel(self, x: Tensor) -> bool:
         from kernels._utils import resolve_backend
@@ -240,18 +256,19 @@ class FusedConvBlocks(FusedModule):
         if self._use_kernel(x):
             from kernels.conv_block import FoldedBlock, residual_block_stack
 
-            blocks = [FoldedBlock(getattr(self, f"w1_{i}").view(3, d, d), getattr(self, f"b1_{i}").float(),
-                                  getattr(self, f"w2_{i}")[:-1].view(3, d, d), getattr(self, f"w2_{i}")[-1].float())
+            blocks = [FoldedBlock(getattr(self, f"w1_{i}")[:-1].view(3, d, d), getattr(self, f"b1_{i}").float(),
+                                  getattr(self, f"w2_{i}")[:-2].view(3, d, d), getattr(self, f"w2_{i}")[-2].float())
                       for i in range(self.n)]
             return residual_block_stack(x.contiguous(), vkeep.contiguous(), blocks, seq_first=False,
                                         precision=self.kernel_precision) * m
+        notm = 1 - m  # (B, L, 1)
         for i in range(self.n):
             xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d)
-            x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], 2).view(b * l, 3 * d)
-            h = (torch.addmm(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}")).view(b, l, d).relu_() * m)
+            x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:], notm], 2).view(b * l, 3 * d + 1)
+            h = torch.addmm(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}")).view(b, l, d).relu_()
             hp = F.pad(h, (0, 0, 1, 1))
-            h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m], 2).view(b * l, 3 * d + 1)
-            x = torch.addmm(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}")).view(b, l, d).relu_() * m
+            h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m, notm], 2).view(b * l, 3 * d + 2)
+            x = torch.addmm(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}")).view(b, l, d).relu_()
         return x
 
 
@@ -279,6 +296,10 @@ class FusedConvolutionalFuser(FusedModule):
         self.conv = FusedConvBlocks(fuser.convolutional_block)
         self.enc2 = torch.nn.ModuleList(built[n_t2v + n_e1:])
         self.use_txt_pos = use_txt_pos
+        nheads = {m.nhead for m in (*self.t2v, *self.enc1, *self.enc2)}
+        if len(nheads) > 1:
+            raise ValueError(f"fused fuser: every attention layer must have the same number of heads, got {nheads}")
+        self.nhead = nheads.pop() if nheads else 1
         if use_txt_pos:  # the T2V keys read txt + pos_txt: the positional half of every key projection
             wk = [mha_wb(l.self_attn)[1] for l in fuser.t2v_encoder.layers]
             d = fuser.v2t_extractor.w4C.shape[0]
@@ -286,20 +307,23 @@ class FusedConvolutionalFuser(FusedModule):
             self.put("kpos_w", torch.cat([w for k in wk for w in (k, z)], 0) if wk else torch.zeros(0, d))
 
     def forward(self, vid_ext: Tensor, txt_ext: Tensor, pos: Tensor, pos_txt: Tensor | None, vkeep: Tensor,
-                tkeep: Tensor) -> Tensor:
+                tkeep: Tensor, vmask: Mask | None = None) -> Tensor:
+        """``vmask``: the video's attention mask if the caller already built it (it is shared with the decoder)."""
         d = pos.shape[-1]
         txt = txt_ext[..., :d]
         x = self.v2t(vid_ext, txt, txt_ext[..., d:2 * d + 2], txt_ext[..., 2 * d + 2], vkeep, tkeep)
         kv = txt_ext[..., 2 * d + 3:]  # (B, N, 2d * n_t2v)
         if self.use_txt_pos and len(self.t2v):
             kv = kv + F.linear(pos_txt, self.kpos_w)
-        tkeep4, vkeep4 = tkeep[:, None, None, :], vkeep[:, None, None, :]
+        tmask = attention_mask(tkeep, self.nhead, x.dtype) if len(self.t2v) else None
+        if vmask is None and len(self.enc1) + len(self.enc2):
+            vmask = attention_mask(vkeep, self.nhead, x.dtype)
         for i, layer in enumerate(self.t2v):
-            x = layer(x, pos, kv[..., 2 * d * i: 2 * d * (i + 1)], tkeep4)
+            x = layer(x, pos, kv[..., 2 * d * i: 2 * d * (i + 1)], tmask)
         for layer in self.enc1:
-            x = layer(x, pos, vkeep4)
+            x = layer(x, pos, vmask)
         m = vkeep[..., None].to(x.dtype)  # (B, L, 1)
         x = self.conv(x * m, m, vkeep)
         for layer in self.enc2:
-            x = layer(x, pos, vkeep4)
+            x = layer(x, pos, vmask)
         return x

@@ -23,7 +23,7 @@ from torch import Tensor
 from reference.model import LDDETR
 from reference.validate import as_bool_mask, check_input_shapes
 
-from .common import FusedModule, f64
+from .common import FusedModule, attention_mask, f64
 from .decoder import FusedLoopDecoder
 from .fuser import FusedConvolutionalFuser, FusedUnimodalEncoder, text_extra, video_extra
 from .heads import FusedHighlightDetectionHead, FusedMomentRetrievalHead, saliency_rows
@@ -79,6 +79,8 @@ class FusedLDDETR(FusedModule):
                     setattr(m, name, buf.to(dtype))
             for p in m.parameters(recurse=False):
                 p.data = p.data.to(dtype)
+            if hasattr(m, "after_dtype"):
+                m.after_dtype(dtype)
         self.dtype = dtype
         return self
 
@@ -106,8 +108,13 @@ class FusedLDDETR(FusedModule):
             n, d = text.shape[1], self.d
             pos_txt = F.layer_norm(txt_ext[..., :d] + self.txt_pos[:n], (d,), self.txt_pos_ln_w, self.txt_pos_ln_b,
                                    self.txt_pos_eps)
-        memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep)  # R (B, L, d)
-        hs, inv, r2 = self.decoder(memory, pos, vkeep)  # inv: inverse_sigmoid of the last layer's input reference
+        vmask = attention_mask(vkeep, self.decoder.nhead, self.dtype)  # shared by the fuser and the decoder
+        if self.fuser.nhead != self.decoder.nhead:
+            vmask_fuser = attention_mask(vkeep, self.fuser.nhead, self.dtype)
+        else:
+            vmask_fuser = vmask
+        memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep, vmask_fuser)  # R (B, L, d)
+        hs, inv, r2 = self.decoder(memory, pos, vkeep, vmask)  # inv: inverse_sigmoid of the last layer's input reference
         logits, spans = self.mr_head(hs, inv)
         saliency = self.hd_head(logits, spans, vid_ext[..., :self.d], r2, lengths)
         return {"pred_logits": logits, "pred_spans": spans, "saliency_scores": saliency, "video_mask": vkeep}
