@@ -125,8 +125,21 @@ def add_quiet(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
 
-def add_device(p: argparse.ArgumentParser | Any, default_help: str = "cuda if available, else cpu") -> None:
-    p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:1 (default: {default_help})")
+#: what the ``--device`` help of a command that runs no model says (tests/test_cli_vocabulary.py looks for it)
+RUNS_NO_MODEL = "this command runs no model"
+
+
+def add_device(p: argparse.ArgumentParser | Any, default_help: str = "cuda if available, else cpu",
+               note: str | None = None) -> None:
+    """``--device``. ``note`` marks a command that runs no model (``evaluate``, ``data check|synth``): its
+    help says so — ``note`` names the work, which stays on the CPU — and the command only passes the name
+    through :func:`resolve_device` before it starts (``--device cuda`` without CUDA: the same one-line
+    error, exit 2, as everywhere)."""
+    if note is None:
+        text = f"cpu, cuda, cuda:1 (default: {default_help})"
+    else:
+        text = f"cpu, cuda, cuda:1; checked only: {RUNS_NO_MODEL}, so {note} on the CPU whatever the device"
+    p.add_argument("--device", default=None, help=text)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -437,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--examples", type=int, default=5, help="examples shown per problem kind")
     c.add_argument("--out", "--json", dest="out", type=Path, default=None, help="a file: the full report as JSON")
     c.add_argument("--no-cache", action="store_true", help="rescan every feature file (ignore the scan cache)")
+    cli.add_device(c, note="the files are read and checked with numpy")
     cli.add_quiet(c)
     s = sub.add_parser("synth", help="write the synthetic QVHighlights-format dataset", formatter_class=cli.HelpFormatter,
                        description="Write the built-in synthetic dataset (features + annotations) into a folder.",
@@ -447,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-val", type=int, default=None, help="validation queries (default: the generator's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="regenerate even when the manifest matches")
+    cli.add_device(s, note="the dataset is generated with numpy")
     cli.add_quiet(s)
     return p
 
@@ -462,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import cli
 
     args = build_parser().parse_args(argv)
+    try:
+        cli.resolve_device(args.device)  # checked only (no model runs here), before any file is read or written
+    except ValueError as e:
+        return cli.fail(e)
     if args.cmd == "synth":
         from .synthetic import ensure_synthetic_dataset, make_synthetic_dataset
 

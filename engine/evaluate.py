@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse saliency lists more than 1 clip off the ground truth and records that disagree "
                          "with the first about which keys they have (the official evaluator pads / skips)")
     ap.add_argument("--verbose", action="store_true", help="print the per-split query counts")
+    cli.add_device(ap, note="the metrics are computed with numpy")
     cli.add_quiet(ap)
     return ap
 
@@ -392,6 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import cli
 
     args = build_parser().parse_args(argv)
+    try:
+        cli.resolve_device(args.device)  # checked only (no model runs here), before any file is read
+    except ValueError as e:
+        return cli.fail(e)
     kwargs: dict[str, Any] = {"match_number": not args.no_match_number}
     if args.dataset == "qvhighlights":
         kwargs.update(variant=args.variant, verbose=args.verbose, strict=args.strict)

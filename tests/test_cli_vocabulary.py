@@ -1,6 +1,7 @@
 """Every command line speaks one vocabulary (README "Command-line vocabulary"): this walks every CLI's
 ``--help`` and checks the table — one name per concept, old spellings hidden but accepted, ``--quiet`` and
-``--device`` where they apply, ``--out`` saying file or folder, choices listed, each default shown once, an
+``--device`` on every command (a command that runs no model says so in its ``--device`` help), ``--out`` saying
+file or folder, choices listed, each default shown once, an
 example epilog, no references to spec files a user does not have."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from engine.cli import ALIASES
+from engine.cli import ALIASES, RUNS_NO_MODEL
 
 #: command -> (parser factory, sub-command or None)
 def _parsers():
@@ -51,7 +52,7 @@ VOCABULARY = {
     "--dtype": {"engine.train", "engine.predict", "export onnx", "export trt", "export aoti"},
     "--out": set(COMMANDS),
     "--quiet": set(COMMANDS),
-    "--device": RUNS_A_MODEL,
+    "--device": set(COMMANDS),
 }
 
 
@@ -87,6 +88,21 @@ def test_each_default_shown_once_and_choices_listed(command):
 def test_one_name_per_concept(flag):
     have = {c for c, p in PARSERS.items() if flag in _options(p)}
     assert VOCABULARY[flag] <= have, f"{flag} missing from {sorted(VOCABULARY[flag] - have)}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_device_never_silent(command):
+    """Every command takes ``--device``; one that runs no model says so, and that its work stays on the CPU,
+    in the ``--help`` a user reads (one that runs a model does not)."""
+    parser = PARSERS[command]
+    assert "--device" in _options(parser), f"{command} has no --device"
+    device_help = " ".join(parser._get_formatter()._expand_help(_options(parser)["--device"]).split())
+    assert device_help in " ".join(parser.format_help().split()), "shown in --help"
+    if command in RUNS_A_MODEL:
+        assert RUNS_NO_MODEL not in device_help, command
+    else:
+        assert RUNS_NO_MODEL in device_help and "on the CPU" in device_help, \
+            f"{command}: --device help must say it runs no model and stays on the CPU"
 
 
 def test_out_says_file_or_folder():
