@@ -2,16 +2,23 @@
 
 The datasets' features were extracted from ``ffmpeg -i VIDEO -vf fps=R,scale=W:H`` pipes (moment_detr
 ``run_on_video/data_utils.py`` for CLIP at R = 1/2, HERO_Video_Feature_Extractor for SlowFast at R = 30).
-This module reproduces that frame choice in one decoding pass for several rates at once:
+This module reproduces that frame choice in one decoding pass for several rates at once (checked against
+libavfilter's own ``fps`` filter in ``tests/test_extract_fps_filter.py``):
 
-* timestamps are the decoded frames' ``pts`` in seconds, relative to the first frame (any container or
-  codec PyAV reads; constant or variable frame rate alike, since only timestamps are used);
-* output frame ``k`` (time ``k / R``) is the **last** decoded frame with ``t < (k + 0.5) / R``, or the first
-  frame when none is that early (ffmpeg ``fps`` with its default ``round=near``: every input timestamp is
-  rounded to the nearest output tick, and a tick shows the last frame rounded onto or before it);
-* the number of output frames is ``max(1, round(duration * R))`` with ``duration = t_last + last frame's
-  duration`` (ffmpeg's ``eof_action=round``): a trailing part shorter than half an output period is dropped,
-  a longer one gives one more frame — "the last partial clip" as the datasets have it;
+* timestamps are the decoded frames' ``pts``, taken relative to the file's start time (the earliest stream
+  start, ``container.start_time``; ffmpeg's CLI shifts every packet by ``-start_time`` the same way, rounded to
+  the stream's time base), and all rounding is done on exact rationals (``pts * time_base * R``), as
+  libavfilter's integer ``av_rescale_q_rnd`` does: any container or codec PyAV reads, constant or variable frame
+  rate alike, since only timestamps are used;
+* output frame ``k`` (time ``k / R``) is the **last** decoded frame whose timestamp rounds onto tick ``k`` or
+  before (``round(t * R) <= k``, halves away from zero, i.e. ``t < (k + 0.5) / R``), or the first frame when
+  none does (ffmpeg ``fps`` with its defaults ``round=near`` and no ``start_time``; a video stream starting
+  after the file start fills the ticks before it with its first frame, as the CLI's ``-vsync cfr`` does for
+  the rawvideo pipe);
+* the number of output frames is ``max(1, round(end * R))`` with ``end = t_last + last frame's duration``
+  (ffmpeg's ``eof_action=round``; ffmpeg itself outputs 0 frames for a video shorter than half a period, we keep
+  one): a trailing part shorter than half an output period is dropped, a longer one gives one more frame —
+  "the last partial clip" as the datasets have it;
 * rotation metadata (the display matrix PyAV exposes as ``frame.rotation``) is honoured like ffmpeg's
   autorotate: the picture is turned to its display orientation, and the output size is computed from the
   display (rotated) width and height;
@@ -26,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -140,23 +148,42 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 # --------------------------------------------------------------------------------------------- frame choice
 
-def output_count(duration: float, fps: float) -> int:
+_INT_MAX = 2**31 - 1
+
+
+def _rate(fps: float | Fraction) -> Fraction:
+    """The output rate as ffmpeg holds it: ``av_d2q(fps, INT_MAX)`` (0.5 -> 1/2, 2/3 s clips -> 3/2, 30 -> 30)."""
+    return fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(_INT_MAX)
+
+
+def _round_near(x: Fraction) -> int:
+    """``AV_ROUND_NEAR_INF`` on an exact rational: to the nearest integer, halves away from zero."""
+    return math.floor(x + Fraction(1, 2)) if x >= 0 else -math.floor(-x + Fraction(1, 2))
+
+
+def _tick(t: float | Fraction, rate: Fraction) -> int:
+    """The output tick ffmpeg's ``fps`` filter rounds a timestamp of ``t`` s onto (``round=near``)."""
+    return _round_near(Fraction(t) * rate)
+
+
+def output_count(duration: float | Fraction, fps: float | Fraction) -> int:
     """Frames ffmpeg's ``fps=R`` filter outputs for ``duration`` seconds: round half away, at least 1."""
-    return max(1, int(math.floor(duration * fps + 0.5)))
+    return max(1, _tick(duration, _rate(fps)))
 
 
-def pick_frames(times: np.ndarray, fps: float, duration: float) -> np.ndarray:
+def pick_frames(times: np.ndarray, fps: float | Fraction, duration: float | Fraction) -> np.ndarray:
     """Which decoded frame each output frame shows (ffmpeg ``fps`` filter, ``round=near``).
 
-    times: (N,) seconds, non-decreasing, relative to the first frame. Returns (output_count,) int64 indices:
-    ``last i with times[i] < (k + 0.5) / fps``, 0 when there is none.
+    times: (N,) seconds (floats or Fractions, taken exactly), non-decreasing, from the video's start. Returns
+    (output_count,) int64 indices: the last ``i`` with ``round(times[i] * fps) <= k`` (i.e. ``times[i] <
+    (k + 0.5) / fps``), 0 when there is none.
     """
-    times = np.asarray(times, dtype=np.float64)
-    if times.ndim != 1 or times.size == 0:
-        raise ValueError(f"pick_frames needs a non-empty 1-D array of times, got shape {times.shape}")
-    n_out = output_count(duration, fps)
-    edges = (np.arange(n_out, dtype=np.float64) + 0.5) / fps
-    return np.maximum(np.searchsorted(times, edges, side="left") - 1, 0).astype(np.int64)
+    if np.ndim(times) != 1 or len(times) == 0:
+        raise ValueError(f"pick_frames needs a non-empty 1-D array of times, got shape {np.shape(times)}")
+    rate = _rate(fps)
+    ticks = np.array([_tick(t, rate) for t in times], dtype=np.int64)
+    n_out = output_count(duration, rate)
+    return np.maximum(np.searchsorted(ticks, np.arange(n_out), side="right") - 1, 0).astype(np.int64)
 
 
 class _Sampler:
@@ -166,6 +193,7 @@ class _Sampler:
         if not target.fps > 0:
             raise ValueError(f"target fps must be > 0, got {target.fps}")
         self.t = target
+        self.rate = _rate(target.fps)
         self.k = 0  # next output frame
         self.prev = None  # (frame, cached array or None)
         self.buf: list[np.ndarray] = []
@@ -184,26 +212,21 @@ class _Sampler:
             self.prev = (frame, arr)
         return arr
 
-    def _emit_until(self, limit: float, rot: int) -> Iterator[np.ndarray]:
-        while (self.k + 0.5) / self.t.fps <= limit:
+    def _emit_until(self, stop: int, rot: int) -> Iterator[np.ndarray]:
+        while self.k < stop:
             self.buf.append(self._array(rot))
             self.k += 1
             if len(self.buf) >= self.t.chunk:
                 yield self._flush()
 
-    def push(self, frame, t: float, rot: int) -> Iterator[np.ndarray]:
-        """A decoded frame at time t: outputs whose edge (k + 0.5) / fps <= t show the previous frame."""
+    def push(self, frame, t: Fraction, rot: int) -> Iterator[np.ndarray]:
+        """A decoded frame at exact time t: the outputs before its tick ``round(t * fps)`` show the previous one."""
         if self.prev is not None:
-            yield from self._emit_until(t, rot)
+            yield from self._emit_until(_tick(t, self.rate), rot)
         self.prev = (frame, None)
 
-    def finish(self, duration: float, rot: int) -> Iterator[np.ndarray]:
-        n_out = output_count(duration, self.t.fps)
-        while self.k < n_out:
-            self.buf.append(self._array(rot))
-            self.k += 1
-            if len(self.buf) >= self.t.chunk:
-                yield self._flush()
+    def finish(self, duration: Fraction, rot: int) -> Iterator[np.ndarray]:
+        yield from self._emit_until(output_count(duration, self.rate), rot)
         if self.buf:
             yield self._flush()
 
@@ -211,6 +234,15 @@ class _Sampler:
         out = np.stack(self.buf)
         self.buf = []
         return out
+
+
+def _start_offset(container, tb: Fraction) -> int | None:
+    """``-start_time`` of the file in ``stream``'s time base, rounded as ffmpeg's CLI shifts every packet
+    (``ts_offset = -ic->start_time``, ``av_rescale_q`` rounds to nearest); None when the file has no start time."""
+    start = container.start_time  # AV_TIME_BASE (microseconds): the earliest start over all streams
+    if start is None:
+        return None
+    return _round_near(Fraction(-int(start), 1_000_000) / tb)
 
 
 def decode(path: str | os.PathLike, targets: Mapping[str, Target]) -> Iterator[tuple[str, np.ndarray]]:
@@ -223,19 +255,20 @@ def decode(path: str | os.PathLike, targets: Mapping[str, Target]) -> Iterator[t
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         tag_rot = _stream_rotation(stream)
-        tb = float(stream.time_base) if stream.time_base else None
-        t0 = last_t = None
-        last_dur = 0.0
+        tb = Fraction(stream.time_base) if stream.time_base else None
+        avg = Fraction(stream.average_rate) if stream.average_rate else Fraction(30)
+        off = _start_offset(container, tb) if tb is not None else None
+        last_t: Fraction | None = None
+        last_dur = Fraction(0)
         n = 0
         try:
             for frame in container.decode(stream):
                 if frame.pts is None or tb is None:
-                    t = n / (float(stream.average_rate) if stream.average_rate else 30.0)
+                    t = n / avg
                 else:
-                    t = frame.pts * tb
-                if t0 is None:
-                    t0 = t
-                t -= t0
+                    if off is None:  # no file start time: the first frame's pts is the start
+                        off = -frame.pts
+                    t = (frame.pts + off) * tb
                 if last_t is not None and t < last_t:  # broken timestamps: keep time monotone
                     t = last_t
                 rot = normalize_rotation(frame.rotation) if frame.rotation else tag_rot
@@ -255,7 +288,7 @@ def decode(path: str | os.PathLike, targets: Mapping[str, Target]) -> Iterator[t
         if n == 0:
             raise VideoError(f"video {path}: no decodable video frames (zero-length video)")
         if last_dur <= 0:
-            last_dur = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+            last_dur = 1 / avg if stream.average_rate else Fraction(0)
         duration = last_t + last_dur
         for name, s in samplers.items():
             for chunk in s.finish(duration, rot):
