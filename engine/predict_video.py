@@ -103,9 +103,11 @@ def _extractor_key(ex) -> dict:
 
 
 def _cache_key(path: Path, ex, kinds: Sequence[str]) -> str:
+    from .extract.decode import FRAME_CHOICE_VERSION
     from .extract.pipeline import file_hash
 
-    blob = json.dumps({"sha256": file_hash(path), "kinds": list(kinds), "extractors": _extractor_key(ex)},
+    blob = json.dumps({"sha256": file_hash(path), "kinds": list(kinds), "extractors": _extractor_key(ex),
+                       "frame_choice": FRAME_CHOICE_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

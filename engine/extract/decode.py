@@ -149,6 +149,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 # --------------------------------------------------------------------------------------------- frame choice
 
 _INT_MAX = 2**31 - 1
+# bumped whenever the frame choice changes, so cached features of the old choice are not reused
+# (2: exact-rational rounding and timestamps from the file's start time, as ffmpeg's CLI)
+FRAME_CHOICE_VERSION = 2
 
 
 def _rate(fps: float | Fraction) -> Fraction:

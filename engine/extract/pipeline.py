@@ -257,7 +257,10 @@ def write_manifest(root: str | os.PathLike, ex: Extractors, summary: dict, video
     """``root/manifest.json``: the extractors' manifest plus the video list (written by rank 0)."""
     path = Path(root) / "manifest.json"
     dims = {DIR_OF_KIND[k]: v for k, v in ex.dims.items()}
-    save_json({"format": "ld-detr-features", "version": 1, "video_dirs": ex.dirs, "video_dims": dims,
+    from .decode import FRAME_CHOICE_VERSION
+
+    save_json({"format": "ld-detr-features", "version": 1, "frame_choice": FRAME_CHOICE_VERSION,
+               "video_dirs": ex.dirs, "video_dims": dims,
                "text_dim": ex.clip.text_dim, "extractors": ex.manifest(),
                "videos": [p.stem for p in videos], "failed": summary.get("failed", [])}, path)
     return path
