@@ -41,11 +41,6 @@ def rows(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return torch.cat([w for w, _ in pairs], 0), torch.cat([b for _, b in pairs], 0)
 
 
-def block_diag(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(W, b) pairs reading consecutive slices of one input, as one block-diagonal GEMM."""
-    return torch.block_diag(*[w for w, _ in pairs]), torch.cat([b for _, b in pairs], 0)
-
-
 def chain(outer: tuple[Tensor, Tensor], inner: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """outer(inner(x)) for two affine maps with nothing between them, as one affine map."""
     (wo, bo), (wi, bi) = outer, inner

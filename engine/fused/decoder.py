@@ -17,10 +17,12 @@ on the input):
   the self-attention, norm1, the width-modulated sine query and the cross-attention query.
 
 Per layer the input ``out`` feeds one GEMM with the first layers of bbox_embed (of the previous layer),
-query_scale and ref_anchor_head and the self-attention's content q/k/v; their second layers are one
-block-diagonal GEMM; ``ref_point_head``'s second layer is folded into the positional q/k projections (two
-linears with nothing between them); the cross-attention query ``[q_content | q_sine]`` per head is one GEMM
-over ``[tgt | sine]``. Dead work is gone: the last layer's bbox_embed (never read), the norm of every layer
+query_scale and ref_anchor_head and the self-attention's content q/k/v; the second layers of bbox_embed and
+query_scale are one batched GEMM (two d x d blocks, no block-diagonal zeros), ref_anchor_head's one-wide one
+a small linear; ``ref_point_head``'s second layer is folded into the positional q/k projections (two
+linears with nothing between them); the cross-attention query ``[q_content | q_sine]`` is one batched GEMM
+over ``[tgt, sine]`` (layer 0: one GEMM whose per-query bias holds the constant positional query), laid
+out per head as the reference's ``cat``. Dead work is gone: the last layer's bbox_embed (never read), the norm of every layer
 but the last (only the last layer feeds the outputs at inference: aux heads are dropped) and, in loops
 before the last, everything the next loop does not read.
 
@@ -47,7 +49,7 @@ from reference.decoder import LoopDecoder
 from reference.position_encoding import anchor_sine_embed
 from reference.span_utils import inverse_sigmoid
 
-from .common import (FusedModule, Mask, attention, attention_mask, block_diag, chain, f64, heads, layer_norm,
+from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm,
                      merge_heads, residual, rows, wb, use_bmm_attention)
 from .positions import anchor_sine, anchor_sine_constants
 
@@ -112,17 +114,20 @@ class FusedLoopDecoder(FusedModule):
                 second = [wb(rah[1])] if i == 0 else [wb(bb[1]), wb(qs[1]), wb(rah[1])]
                 g_w, g_b = rows(*first, *sa)
                 g_b = g_b - g_w @ s_x[i]
-                z_w, z_b = block_diag(*second)
                 if i == 0:  # + the constant positional q/k of layer 0's self-attention, per query
                     cqk = torch.cat([lay.sa_qpos_proj(qpos0), lay.sa_kpos_proj(qpos0)], -1)  # (Q, 2d)
                     zq = torch.zeros(qpos0.shape[0], d, dtype=torch.float64)
                     self.put("g0_c", g_b + torch.cat([zq, cqk, zq], -1))  # (Q, G) per-query bias
                     self.put("g0_w", g_w)
+                    self.put("z0_w", second[0][0]), self.put("z0_b", second[0][1])
                 else:  # ref_point_head's second layer folded into the positional q/k; its bias rides in g's
                     p_w, p_b = rows(chain(wb(lay.sa_qpos_proj), rph2), chain(wb(lay.sa_kpos_proj), rph2))
                     g_b = g_b + torch.cat([torch.zeros(3 * d, dtype=torch.float64), p_b, torch.zeros(d, dtype=torch.float64)])
                     self.put(f"g{i}_w", g_w), self.put(f"g{i}_b", g_b), self.put(f"p{i}_w", p_w)
-                self.put(f"z{i}_w", z_w), self.put(f"z{i}_b", z_b)
+                    # bbox_embed / query_scale second layers: one batched GEMM over their two d-wide inputs
+                    self.put(f"z{i}_w", torch.stack([second[0][0].T, second[1][0].T]))  # (2, d, d) as W^T
+                    self.put(f"z{i}_b", torch.stack([second[0][1], second[1][1]])[:, None])  # (2, 1, d)
+                    self.put(f"rah2_{i}_w", second[2][0]), self.put(f"rah2_{i}_b", second[2][1])
                 self.put(f"sao{i}_w", wb(lay.self_attn.out_proj)[0])
                 qc, qsn = wb(lay.ca_qcontent_proj), wb(lay.ca_qpos_sine_proj)
                 zero = torch.zeros(d, d, dtype=torch.float64)
@@ -132,8 +137,9 @@ class FusedLoopDecoder(FusedModule):
                     qp = lay.ca_qpos_proj(qpos0)  # (Q, d)
                     self.put("q0_c", q_b + _interleave(qp, torch.zeros_like(qp), h))
                     self.put("q0_w", q_w)
-                else:
-                    self.put(f"q{i}_w", q_w), self.put(f"q{i}_b", q_b)
+                else:  # [content | sine] query as one batched GEMM over [t1 | mod], interleaved per head after
+                    self.put(f"q{i}_w", torch.stack([qc[0].T, qsn[0].T]))  # (2, d, d) as W^T
+                    self.put(f"q{i}_b", torch.stack([qc[1] - qc[0] @ s_t1, qsn[1]])[:, None])  # (2, 1, d)
                 self.put(f"cao{i}_w", wb(lay.cross_attn.out_proj)[0])
                 for n, shift in (("norm1", s_t1), ("norm2", s_t2), ("norm3", s_out)):
                     ln = getattr(lay, n)
@@ -225,8 +231,11 @@ class FusedLoopDecoder(FusedModule):
             q = torch.baddbmm(self.q0_c, qin, self.q0_w.t().expand(b, -1, -1))  # (B, Q, 2d)
             return self._cross(0, t1, heads(q, h), key, value, vmask), None
         g = F.linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
-        z = F.linear(g[..., :3 * d].relu(), getattr(self, f"z{i}_w"), getattr(self, f"z{i}_b"))  # [bb2 | qs2 | rah2]
-        bb = z[..., :d].relu()
+        hid = g[..., :3 * d].relu()
+        z = torch.baddbmm(getattr(self, f"z{i}_b"), hid[..., :2 * d].reshape(b * nq, 2, d).transpose(0, 1),
+                          getattr(self, f"z{i}_w"))  # (2, B Q, d): [bb2, qs2]
+        rah = F.linear(hid[..., 2 * d:], getattr(self, f"rah2_{i}_w"), getattr(self, f"rah2_{i}_b"))  # (B, Q, 1)
+        bb = z[0].view(b, nq, d).relu()
         if i == 1 and not half:  # + inverse_sigmoid(ref0) + bias: a constant, inside the GEMM
             new_pre = torch.baddbmm(self.bb3_c1, bb, self.bb3_w.t().expand(b, -1, -1))
         else:
@@ -235,15 +244,16 @@ class FusedLoopDecoder(FusedModule):
             new_pre = (delta.float() if half else delta) + inv
         new_ref = new_pre.sigmoid()  # (B, Q, 2) this layer's reference
         sine = anchor_sine(new_ref, self.freq, self.phase)  # (B, Q, d) fp32
-        scale = (z[..., 2 * d:].float() if half else z[..., 2 * d:]).sigmoid() / new_ref[..., 1:2]
+        scale = (rah.float() if half else rah).sigmoid() / new_ref[..., 1:2]
         if half:
             sine, scale = sine.to(x.dtype), scale.to(x.dtype)
         hr = F.linear(sine, self.rph1_w, self.rph1_b).relu_()
         qk = torch.baddbmm(g[..., 3 * d:5 * d], hr, getattr(self, f"p{i}_w").t().expand(b, -1, -1))
         t1 = self._self(i, x, g, qk)
-        mod = sine * z[..., d:2 * d] * scale
-        q = F.linear(torch.cat([t1, mod], -1), getattr(self, f"q{i}_w"), getattr(self, f"q{i}_b"))
-        return self._cross(i, t1, heads(q, h), key, value, vmask), new_pre
+        mod = sine * z[1].view(b, nq, d) * scale
+        q = torch.baddbmm(getattr(self, f"q{i}_b"), torch.stack([t1, mod]).view(2, b * nq, d), getattr(self, f"q{i}_w"))
+        q = q.view(2, b, nq, h, -1).permute(1, 3, 2, 0, 4).reshape(b, h, nq, -1)  # (B, H, Q, 2 hd) [content | sine]
+        return self._cross(i, t1, q, key, value, vmask), new_pre
 
     def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor, vmask: Mask | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
