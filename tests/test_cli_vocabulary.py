@@ -75,6 +75,16 @@ def test_help_is_self_contained(command):
 
 
 @pytest.mark.parametrize("command", list(PARSERS))
+def test_second_spellings_are_hidden_aliases(command):
+    """One name per flag: any other spelling of it is an old one, in ALIASES (so hidden from --help)."""
+    for action in PARSERS[command]._actions:
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: one switch
+            continue
+        shown = [s for s in action.option_strings if s.startswith("--") and s != "--help" and s not in ALIASES]
+        assert len(shown) <= 1, (command, action.option_strings)
+
+
+@pytest.mark.parametrize("command", list(PARSERS))
 def test_each_default_shown_once_and_choices_listed(command):
     parser = PARSERS[command]
     formatter = parser._get_formatter()
