@@ -34,6 +34,7 @@ ALIASES: dict[str, str] = {
     "--fp16": "--dtype fp16",
     "--bf16": "--dtype bf16",
     "--json": "--out",
+    "--no-progress": "--quiet",
 }
 
 
@@ -121,8 +122,10 @@ def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser
                   epilog=f"example:\n  {example}\n\nexit codes: 0 ok, 1 check/verify failed, 2 bad input")
 
 
-def add_quiet(p: argparse.ArgumentParser | Any) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+def add_quiet(p: argparse.ArgumentParser | Any, *aliases: str) -> None:
+    """``--quiet``; ``aliases``: old spellings of it, hidden (each must be in :data:`ALIASES`)."""
+    assert all(ALIASES.get(a) == "--quiet" for a in aliases), aliases  # a programming error, not user input
+    p.add_argument("--quiet", *aliases, dest="quiet", action="store_true", help="no progress bars or notes")
 
 
 #: what the ``--device`` help of a command that runs no model says (tests/test_cli_vocabulary.py looks for it)

@@ -1,7 +1,9 @@
-"""``--device`` on the commands that run no model (``engine.evaluate``, ``engine.data check|synth``): the
-work stays on the CPU with numpy, and the name is only checked — through ``engine.cli.resolve_device``, before
-any file is read or written — so ``--device cuda`` without CUDA is the same one-line error, exit 2, as in
-``engine.train`` / ``engine.predict``. (Which command says what in ``--help``: tests/test_cli_vocabulary.py.)"""
+"""``--device`` checked up front, through ``engine.cli.resolve_device``: on the commands that run no model
+(``engine.evaluate``, ``engine.data check|synth``, ``engine.extract.slowfast_convert``) the work stays on the CPU
+with numpy and the name is only checked, before any file is read or written; ``engine.extract`` (which runs CLIP /
+SlowFast) checks it before any video is listed or opened, any model built or process group started. So
+``--device cuda`` without CUDA is the same one-line error, exit 2, as in ``engine.train`` / ``engine.predict``.
+(Which command says what in ``--help``: tests/test_cli_vocabulary.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 
 import engine.data
 import engine.evaluate
+import engine.extract.__main__ as extract_main
+import engine.extract.slowfast_convert as slowfast_convert
 import engine.synthetic
 from engine import cli
 from engine.data import main as data_main
@@ -37,6 +41,11 @@ def no_work(monkeypatch):
     monkeypatch.setattr(engine.data, "feature_spec_for", boom)
     monkeypatch.setattr(engine.synthetic, "make_synthetic_dataset", boom)
     monkeypatch.setattr(engine.synthetic, "ensure_synthetic_dataset", boom)
+    for name in ("list_videos", "extract_corpus", "write_manifest"):
+        monkeypatch.setattr(extract_main, name, boom)
+    monkeypatch.setattr(extract_main.Extractors, "build", boom)
+    monkeypatch.setattr(extract_main.dist, "init_from_env", boom)
+    monkeypatch.setattr(slowfast_convert, "read_c2_pickle", boom)
 
 
 def _evaluate_args(tmp_path):
@@ -53,6 +62,10 @@ COMMANDS = {
     "engine.data check": (data_main, lambda tmp: ["check", "--dataset", "synthetic", "--data-root", str(tmp / "syn")]),
     "engine.data synth": (data_main, lambda tmp: ["synth", "--out", str(tmp / "syn"), "--n-train", "4", "--n-val",
                                                   "3", "--quiet"]),
+    "engine.extract": (extract_main.main, lambda tmp: ["--videos", str(tmp / "videos"), "--out", str(tmp / "syn"),
+                                                      "--queries", str(tmp / "q.jsonl"), "--quiet"]),
+    "engine.extract.slowfast_convert": (slowfast_convert.main, lambda tmp: [str(tmp / "w.pkl"), "--out",
+                                                                            str(tmp / "syn" / "w.safetensors")]),
 }
 
 

@@ -17,6 +17,8 @@ from engine.cli import ALIASES, RUNS_NO_MODEL
 def _parsers():
     import engine.data
     import engine.evaluate
+    import engine.extract.__main__ as extract_main
+    import engine.extract.slowfast_convert as slowfast_convert
     import engine.predict
     import engine.train
     import export.__main__ as export_main
@@ -34,6 +36,8 @@ def _parsers():
         "engine.data synth": sub(engine.data.build_parser, "synth"),
         "engine.train": engine.train.build_parser(),
         "engine.predict": engine.predict.build_parser(),
+        "engine.extract": extract_main.build_parser(),
+        "engine.extract.slowfast_convert": slowfast_convert.build_parser(),
         **{f"export {f}": sub(export_main.build_parser, f) for f in ("onnx", "trt", "aoti")},
     }
 
@@ -41,7 +45,7 @@ def _parsers():
 PARSERS = _parsers()
 TOP_LEVEL = {"engine.data", "export"}  # they only dispatch to their sub-commands
 COMMANDS = [c for c in PARSERS if c not in TOP_LEVEL]
-RUNS_A_MODEL = {"engine.train", "engine.predict", "export onnx", "export trt", "export aoti"}
+RUNS_A_MODEL = {"engine.train", "engine.predict", "engine.extract", "export onnx", "export trt", "export aoti"}
 #: concept -> the one flag, and the commands that have the concept
 VOCABULARY = {
     "--ckpt": {"engine.predict"},  # export takes a positional CKPT; train's --resume resumes state
@@ -68,6 +72,16 @@ def test_help_is_self_contained(command):
     assert not re.search(r"spec/|\.md\b|§|ld-detr-code|evaluation\.md", text), "no references to spec files"
     for old in ALIASES:
         assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", text), f"{old} is a hidden alias"
+
+
+@pytest.mark.parametrize("command", list(PARSERS))
+def test_second_spellings_are_hidden_aliases(command):
+    """One name per flag: any other spelling of it is an old one, in ALIASES (so hidden from --help)."""
+    for action in PARSERS[command]._actions:
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: one switch
+            continue
+        shown = [s for s in action.option_strings if s.startswith("--") and s != "--help" and s not in ALIASES]
+        assert len(shown) <= 1, (command, action.option_strings)
 
 
 @pytest.mark.parametrize("command", list(PARSERS))
@@ -126,14 +140,33 @@ def test_choices_are_listed_for_preset_dataset_dtype():
     ("engine.data check", "--json", "--out", "r.json"),
     ("engine.train", "--amp", "--dtype", "bf16"),
     ("export onnx", "--max-v-l", "--max-video-len", "40"),
+    ("engine.extract", "--no-progress", "--quiet", None),
 ])
 def test_old_spellings_still_parse(command, old, new, value):
     parser = PARSERS[command]
     required = {"engine.evaluate": ["--submission", "s.jsonl", "--ann", "x"],
                 "engine.data check": ["--dataset", "qvhighlights", "--data-root", "x"],
+                "engine.extract": ["--out", "feats"],
                 "export onnx": ["ckpt.pt"]}.get(command, [])
     dest = _options(parser)[new].dest
-    assert getattr(parser.parse_args(required + [old, value]), dest) == getattr(parser.parse_args(required + [new, value]), dest)
+    given = [] if value is None else [value]
+    assert getattr(parser.parse_args(required + [old, *given]), dest) == getattr(parser.parse_args(required + [new, *given]), dest)
+    if value is None:  # a switch: the old spelling turns it on
+        assert getattr(parser.parse_args(required + [old]), dest) is True
+
+
+def test_slowfast_convert_positional_out_still_parses():
+    """``slowfast_convert PKL OUT`` (the old form) == ``PKL --out OUT``; OUT is hidden from ``--help``."""
+    from engine.extract.slowfast_convert import output_path
+
+    parser = PARSERS["engine.extract.slowfast_convert"]
+    old, new = parser.parse_args(["w.pkl", "w.safetensors"]), parser.parse_args(["w.pkl", "--out", "w.safetensors"])
+    assert output_path(old) == output_path(new) == "w.safetensors"
+    assert output_path(parser.parse_args(["dir/SLOWFAST_8x8_R50.pkl"])) == "dir/SLOWFAST_8x8_R50.safetensors"
+    text = parser.format_help()
+    positionals = text.split("positional arguments:\n")[1].split("\n\n")[0]
+    assert re.findall(r"^  (\S+)", positionals, re.M) == ["PKL"], "the old positional OUT is hidden"
+    assert parser.format_usage().rstrip().endswith(" PKL"), parser.format_usage()
 
 
 @pytest.mark.parametrize("alias, dtype", [("--half", "fp16"), ("--fp16", "fp16"), ("--bf16", "bf16")])

@@ -23,15 +23,17 @@ def corpus(tmp_path_factory):
     return d, q
 
 
-def _args(corpus, out, clip_dir):
+def _args(corpus, out, clip_dir, quiet="--quiet"):
     d, q = corpus
     return ["--videos", str(d), "--out", str(out), "--clip", str(clip_dir), "--slowfast-test-config", "tiny",
-            "--queries", str(q), "--device", "cpu", "--no-progress", "--batch-size", "2"]
+            "--queries", str(q), "--device", "cpu", quiet, "--batch-size", "2"]
 
 
 def test_extract_layout_and_resume(corpus, tmp_path, tiny_clip_dir, capsys):
     out = tmp_path / "feats"
     assert main(_args(corpus, out, tiny_clip_dir)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert json.loads(err[-1])["extracted"] == 2 and not any("wrote" in line for line in err), "--quiet: no notes"
     sf_a = np.load(out / "slowfast_features" / "vidA.npz")["features"]
     clip_b = np.load(out / "clip_features" / "vidB.npz")["features"]
     assert sf_a.shape == (2, 288) and sf_a.dtype == np.float32  # ceil(90 / 60) clips; tiny SlowFast 256 + 32
@@ -49,8 +51,8 @@ def test_extract_layout_and_resume(corpus, tmp_path, tiny_clip_dir, capsys):
     # rerun: nothing is recomputed (files untouched); a deleted file is redone identically
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
     (out / "clip_features" / "vidB.npz").unlink()
-    assert main(_args(corpus, out, tiny_clip_dir)) == 0
-    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-2])
+    assert main(_args(corpus, out, tiny_clip_dir, quiet="--no-progress")) == 0  # the old spelling of --quiet
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert summary["skipped"] == 1 and summary["extracted"] == 1
     for p, t in mtimes.items():
         if p.name != "vidB.npz" or p.parent.name != "clip_features":
@@ -61,9 +63,18 @@ def test_extract_layout_and_resume(corpus, tmp_path, tiny_clip_dir, capsys):
 def test_extract_bad_input_exit_2(tmp_path, tiny_clip_dir, capsys):
     bad = write_zero_length(tmp_path / "empty.avi")
     rc = main(["--videos", str(bad), "--out", str(tmp_path / "o"), "--clip", str(tiny_clip_dir), "--features", "clip",
-               "--device", "cpu", "--no-progress"])
+               "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: video ") and "zero-length" in err[-1]
+    (tmp_path / "afile").write_text("")
+    rc = main(["--videos", str(bad), "--out", str(tmp_path / "afile"), "--clip", str(tiny_clip_dir)])
+    err = capsys.readouterr().err.strip().splitlines()  # checked before the models are loaded (no --slowfast here)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --out {tmp_path / 'afile'}") and "is a file" in err[0]
+    for flag, value in (("--batch-size", "0"), ("--clip-length", "-2")):
+        with pytest.raises(SystemExit) as e:
+            main(["--videos", str(bad), "--out", str(tmp_path / "o"), flag, value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"argument {flag}:" in err[0] and "see" in err[0]
     rc = main(["--videos", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--clip", str(tiny_clip_dir)])
     assert rc == 2 and "no such video" in capsys.readouterr().err
     rc = main(["--videos", str(bad), "--out", str(tmp_path / "o"), "--clip", str(tiny_clip_dir), "--device", "cpu"])

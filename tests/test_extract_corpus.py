@@ -40,7 +40,7 @@ def _files(root: Path) -> dict[str, np.ndarray]:
 def test_torchrun_two_gloo_ranks(tmp_path, tiny_clip_dir, capsys):
     lst = _corpus(tmp_path)
     common = ["--videos", str(lst), "--clip", str(tiny_clip_dir), "--slowfast-test-config", "tiny", "--device", "cpu",
-              "--no-progress"]
+              "--quiet"]
     single = tmp_path / "single"
     assert main(common + ["--out", str(single)]) == 0
     sharded = tmp_path / "sharded"
@@ -66,6 +66,8 @@ def test_skip_bad_goes_on(tmp_path, tiny_clip_dir, capsys):
     write_video(tmp_path / "good.mp4", 20, 10, 32, 24)
     (tmp_path / "broken.mp4").write_bytes(b"junk" * 50)
     rc = main(["--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--clip", str(tiny_clip_dir), "--features",
-               "clip", "--device", "cpu", "--no-progress", "--skip-bad"])
-    assert rc == 0 and "skipping: video" in capsys.readouterr().err
+               "clip", "--device", "cpu", "--skip-bad"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "skipping: video" in err
+    assert f"wrote features of 2 videos to {tmp_path / 'o'} (manifest.json)" in err, "a note without --quiet"
     assert [p.name for p in (tmp_path / "o" / "clip_features").iterdir()] == ["good.npz"]

@@ -312,9 +312,12 @@ def test_caffe2_pkl_loads_and_converts(tmp_path, tiny):
 def test_caffe2_cli_writes_r50_safetensors(tmp_path, capsys, oracle_state):
     pkl = _write_c2(tmp_path / "SLOWFAST_8x8_R50.pkl", oracle_state, protocol=4)
     out = tmp_path / "slowfast_c2.safetensors"
-    assert convert_main([str(pkl), str(out)]) == 0 and "552 tensors" in capsys.readouterr().out
+    assert convert_main([str(pkl), "--out", str(out)]) == 0 and f"wrote {out}: 552 tensors" in capsys.readouterr().err
     got = load_file(str(out))
     assert set(got) == set(oracle_state) and all(torch.equal(got[k], oracle_state[k]) for k in got)
+    out.unlink()
+    assert convert_main([str(pkl), "--quiet"]) == 0 and capsys.readouterr() == ("", "")  # default: PKL .safetensors
+    assert load_file(str(tmp_path / "SLOWFAST_8x8_R50.safetensors")).keys() == got.keys()
 
 
 def test_bad_caffe2_pkl_is_one_line(tmp_path, tiny):

@@ -21,8 +21,8 @@ that only rebuilds numpy arrays (no code runs). Names follow PySlowFast's ``c2_m
     blocks.6.proj.{weight,bias}                                      pred_{w,b}
 
 No values change (PySlowFast copies the blobs as they are; ``riv`` is loaded as the running variance).
-CLI: ``python -m engine.extract.slowfast_convert SLOWFAST_8x8_R50.pkl slowfast_c2.safetensors`` (exit 2 on bad
-input); ``SlowFastExtractor(weights="...pkl")`` also converts on the fly.
+CLI: ``python -m engine.extract.slowfast_convert SLOWFAST_8x8_R50.pkl --out slowfast_c2.safetensors`` (exit 2 on
+bad input; the old ``PKL OUT`` form still works); ``SlowFastExtractor(weights="...pkl")`` also converts on the fly.
 """
 
 from __future__ import annotations
@@ -130,26 +130,56 @@ def convert_c2_state(blobs: dict[str, np.ndarray], config: SlowFastConfig | None
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from .. import cli
+
+    p = cli.parser("python -m engine.extract.slowfast_convert",
+                   "Rename PySlowFast's Caffe2 SLOWFAST_8x8_R50.pkl (the weights behind the datasets' SlowFast features) "
+                   "to a .safetensors under pytorchvideo's names, for SlowFastExtractor(weights=) and engine.extract "
+                   "--slowfast. No values change; the pickle is read by an unpickler that only rebuilds numpy arrays.",
+                   "python -m engine.extract.slowfast_convert SLOWFAST_8x8_R50.pkl --out slowfast.safetensors")
+    p.add_argument("pkl", metavar="PKL", help="PySlowFast Caffe2 checkpoint (SLOWFAST_8x8_R50.pkl)")
+    p.add_argument("old_out", nargs="?", default=None, help=argparse.SUPPRESS)  # the old positional OUT
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="a file: the .safetensors written (default: PKL with .safetensors)")
+    cli.add_device(p, note="the blobs are renamed with numpy")
+    cli.add_quiet(p)
+    return p
+
+
+def output_path(args: argparse.Namespace) -> str:
+    """``--out``, else the old positional OUT, else PKL with ``.safetensors``; ValueError (one line) when both
+    spellings are given and differ."""
+    if args.out is not None and args.old_out is not None and args.out != args.old_out:
+        raise ValueError(f"two outputs: --out {args.out} and {args.old_out}; give --out only")
+    out = args.out or args.old_out
+    return out if out is not None else str(Path(args.pkl).with_suffix(".safetensors"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.extract.slowfast_convert", description=__doc__.split("\n")[0])
-    p.add_argument("pkl", help="PySlowFast Caffe2 checkpoint (SLOWFAST_8x8_R50.pkl)")
-    p.add_argument("out", help="output .safetensors (pytorchvideo names; SlowFastExtractor(weights=out))")
-    args = p.parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        print(f"error: output must end with .safetensors, got {args.out}", file=sys.stderr)
-        return 2
-    try:
+    from .. import cli
+
+    args = build_parser().parse_args(argv)
+    try:  # checked before the pickle is read (no model runs here)
+        cli.resolve_device(args.device)
+        out = output_path(args)
+        if not out.endswith(".safetensors"):
+            raise ValueError(f"--out must end with .safetensors, got {out}")
+        cli.check_writable(out)
         state = convert_c2_state(read_c2_pickle(args.pkl), source=f"Caffe2 weights {args.pkl}")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     from safetensors.torch import save
 
     from ..atomic import atomic_open
-    with atomic_open(args.out, "wb") as f:
-        f.write(save(state, metadata={"source": Path(args.pkl).name, "format": "pytorchvideo SlowFast R50 8x8"}))
-    print(f"wrote {args.out}: {len(state)} tensors")
-    return 0
+    try:
+        with atomic_open(out, "wb") as f:
+            f.write(save(state, metadata={"source": Path(args.pkl).name, "format": "pytorchvideo SlowFast R50 8x8"}))
+    except OSError as e:
+        return cli.fail(cli.os_error_line(e))
+    if not args.quiet:
+        print(f"wrote {out}: {len(state)} tensors", file=sys.stderr)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
