@@ -72,6 +72,43 @@ def test_verify_catches_a_wrong_artifact(ckpt):
     assert {r["output"] for r in result["rows"] if not r["ok"]} == {"saliency_scores"}
 
 
+def test_verify_half_accepts_near_tie_flips_only(ckpt):
+    """fp16 verify: a top-1 flip between two moments PyTorch scores within tol is left out of the saliency
+    comparison (even when every sample flipped); a decisive flip fails, though every output is within tol."""
+    import numpy as np
+
+    from export.model import Prepared, prepare
+    from export.verify import verify
+
+    cfg = prepare(ckpt).cfg
+    fg = torch.tensor([0.2, 0.18, -2.0] + [-3.0] * (cfg.num_queries - 3))  # moments 0 and 1 near, 2 far behind
+
+    def module(video, vmask, text, tmask):  # logits offset by 300: a few units of change stay within 1e-2
+        b, t = vmask.shape
+        q = fg.shape[0]
+        logits = torch.stack([300 + fg, torch.full((q,), 300.0)], -1).expand(b, q, 2)
+        return logits, torch.full((b, q, 2), 0.5), video[..., 0] + 1
+
+    fake = Prepared(module, cfg, {}, "test")
+
+    def runner(flip_to: int):
+        def run(*x):
+            logits, spans, sal = [o.numpy().copy() for o in module(*x)]
+            logits[:, flip_to, 0] = 300 + 0.3  # the runner's best is now moment flip_to
+            return logits, spans, sal * 1.5  # wrong saliency: seen only if a flipped sample were compared
+        return run
+
+    kw = dict(dynamic=True, batch=1, max_video_len=40, text_len=8, tol=1e-2, half=True)
+    p = torch.sigmoid(fg)
+    assert p[0] - p[1] < 1e-2 < p[0] - p[2]
+    near = verify(fake, runner(1), **kw)
+    assert near["ok"], near["rows"]
+    assert all(r["top1_flips"] for r in near["rows"] if r["output"] == "saliency_scores")
+    far = verify(fake, runner(2), **kw)
+    assert not far["ok"]
+    assert {r["output"] for r in far["rows"] if not r["ok"]} == {"saliency_scores"}
+
+
 def test_aoti_export_program_runs(ckpt):
     """The torch.export half of the AOTInductor path, with dynamic shapes, matches the module."""
     from export.backends import export_program

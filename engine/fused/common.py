@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import is_tracing, linear, linear_add
+
 
 def f64(t: Tensor | None) -> Tensor | None:
     """A detached float64 copy (None stays None)."""
@@ -75,10 +77,16 @@ def heads(x: Tensor, h: int) -> Tensor:
 def residual(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
     """x + a @ w^T in one op, the bias already carried by x (see "bias shift" in engine.fused.model).
 
-    x (B, S, d) or a constant (S, d) broadcast over the batch; a (B, S, k); w (d, k) -> (B, S, d)."""
-    if x.dim() == 2:
-        return torch.baddbmm(x, a, w.t().expand(a.shape[0], -1, -1))
-    return torch.addmm(x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1]), w.t()).view(x.shape)
+    x (B, S, n) (any strides that view as B S rows) or a constant (S, n) broadcast over the batch; a (B, S, k);
+    w (n, k) -> (B, S, n). Also the decoder's affine maps with a per-query constant bias."""
+    b, s, k = a.shape
+    if x.dim() == 2:  # a per-row constant: expanded over the batch (a view at B = 1, a small copy above)
+        x = x.expand(b, s, x.shape[-1])
+    y = linear_add(x, a, w)  # bf16/fp16 on the CPU: one prepacked oneDNN GEMM with the add in its epilogue
+    if y is not None:
+        return y
+    # addmm, not baddbmm over an expanded W^T: bf16 baddbmm copies the expanded weight on every call
+    return torch.addmm(x.reshape(b * s, -1), a.reshape(b * s, k), w.t()).view(b, s, -1)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -131,6 +139,20 @@ def attention_mask(keep: Tensor, h: int, dtype: torch.dtype) -> Mask:
     return keep4, bias.expand(b, h, 1, lk).reshape(b * h, 1, lk)
 
 
+_zeros: dict = {}
+
+
+def _zero(x: Tensor) -> Tensor:
+    """A 0-dim zero of x's dtype and device, made once (baddbmm's ignored input when beta = 0)."""
+    if is_tracing():  # a traced constant, never a fake tensor left in the cache
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    key = (x.dtype, x.device)
+    z = _zeros.get(key)
+    if z is None:
+        z = _zeros[key] = torch.zeros((), dtype=x.dtype, device=x.device)
+    return z
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, scale: float, sdpa_in_half: bool = False) -> Tensor:
     """softmax(q k^T * scale + mask) v per head: q (B, h, Lq, e), k (B, h, Lk, e), v (B, h, Lk, ev) (views in any
     layout; a (B, h, e, Lk)-contiguous k^T makes the bmm copy-free) -> (B, Lq, h * ev).
@@ -143,8 +165,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, scale: float, 
     b, h, lq, e = q.shape
     lk = k.shape[2]
     qf, kt, vf = q.reshape(b * h, lq, e), k.reshape(b * h, lk, e).transpose(1, 2), v.reshape(b * h, lk, -1)
-    if mask is None:
-        s = torch.bmm(qf, kt).mul_(scale)
+    if mask is None:  # beta = 0: the (cached 0-dim) input is ignored, the scale rides in alpha
+        s = torch.baddbmm(_zero(qf), qf, kt, beta=0.0, alpha=scale)
     else:
         s = torch.baddbmm(mask[1], qf, kt, alpha=scale)  # (B h, Lq, Lk)
     return merge_heads(torch.bmm(torch.softmax(s, -1), vf).view(b, h, lq, -1))

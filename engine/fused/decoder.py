@@ -49,6 +49,7 @@ from reference.decoder import LoopDecoder
 from reference.position_encoding import anchor_sine_embed
 from reference.span_utils import inverse_sigmoid
 
+from .onednn import linear
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm,
                      merge_heads, residual, rows, wb, use_bmm_attention)
 from .positions import anchor_sine, anchor_sine_constants
@@ -180,8 +181,8 @@ class FusedLoopDecoder(FusedModule):
         copy, once per loop) or of the GEMM outputs on CUDA (SDPA's layout); the extra memory columns."""
         b, l, d = memory.shape
         h, hd = self.nhead, self.hd
-        kv = F.linear(memory, self.mem_w, self.mem_b)  # (B, L, 2d * n_layers + extra)
-        kp = F.linear(pos, self.kpos_w, self.kpos_b)  # (B, L, d * n_layers)
+        kv = linear(memory, self.mem_w, self.mem_b)  # (B, L, 2d * n_layers + extra)
+        kp = linear(pos, self.kpos_w, self.kpos_b)  # (B, L, d * n_layers)
         bmm = use_bmm_attention(memory)
         keys, values = [], []
         for i in range(self.nl):
@@ -205,15 +206,15 @@ class FusedLoopDecoder(FusedModule):
         a = attention(q, key, value, vmask, (2 * self.hd) ** -0.5)  # (B, Q, d)
         t2 = layer_norm(residual(t1, a, getattr(self, f"cao{i}_w")),
                         (getattr(self, f"norm2_{i}_w"), getattr(self, f"norm2_{i}_b")), e2)
-        p = F.prelu(F.linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")), getattr(self, f"prelu_{i}"))
+        p = F.prelu(linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")), getattr(self, f"prelu_{i}"))
         return layer_norm(residual(t2, p, getattr(self, f"l2_{i}_w")),
                           (getattr(self, f"norm3_{i}_w"), getattr(self, f"norm3_{i}_b")), e3)
 
     def _self(self, i: int, x: Tensor, g: Tensor, qk: Tensor) -> Tensor:
         """Self-attention + norm1 of layer i: x (B, Q, d) its input, qk (B, Q, 2d), v = g's last d columns."""
         d, h = self.d, self.nhead
-        a = F.scaled_dot_product_attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(g[..., -d:], h))
-        return layer_norm(residual(x, merge_heads(a), getattr(self, f"sao{i}_w")),
+        a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(g[..., -d:], h), None, self.hd ** -0.5)
+        return layer_norm(residual(x, a, getattr(self, f"sao{i}_w")),
                           (getattr(self, f"norm1_{i}_w"), getattr(self, f"norm1_{i}_b")), self.eps[i][0])
 
     def _layer(self, i: int, x: Tensor, pre: Tensor | None, key: Tensor, value: Tensor, vmask: Mask):
@@ -223,23 +224,23 @@ class FusedLoopDecoder(FusedModule):
         b, nq, d = x.shape
         h, half = self.nhead, x.dtype != torch.float32
         if i == 0:
-            g = torch.baddbmm(self.g0_c, x, self.g0_w.t().expand(b, -1, -1))  # [rah1 | q | k | v]
-            rah = F.linear(g[..., :d].relu(), self.z0_w, self.z0_b)  # (B, Q, 1)
+            g = residual(self.g0_c, x, self.g0_w)  # [rah1 | q | k | v]
+            rah = linear(g[..., :d].relu(), self.z0_w, self.z0_b)  # (B, Q, 1)
             sine = (rah.float() if half else rah).sigmoid() * self.s0r  # (B, Q, d)
             t1 = self._self(0, x, g, g[..., d:3 * d])
             qin = torch.cat([t1, sine.to(x.dtype) if half else sine], -1)
-            q = torch.baddbmm(self.q0_c, qin, self.q0_w.t().expand(b, -1, -1))  # (B, Q, 2d)
+            q = residual(self.q0_c, qin, self.q0_w)  # (B, Q, 2d)
             return self._cross(0, t1, heads(q, h), key, value, vmask), None
-        g = F.linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
+        g = linear(x, getattr(self, f"g{i}_w"), getattr(self, f"g{i}_b"))  # [bb1 | qs1 | rah1 | q | k | v]
         hid = g[..., :3 * d].relu()
         z = torch.baddbmm(getattr(self, f"z{i}_b"), hid[..., :2 * d].reshape(b * nq, 2, d).transpose(0, 1),
                           getattr(self, f"z{i}_w"))  # (2, B Q, d): [bb2, qs2]
-        rah = F.linear(hid[..., 2 * d:], getattr(self, f"rah2_{i}_w"), getattr(self, f"rah2_{i}_b"))  # (B, Q, 1)
+        rah = linear(hid[..., 2 * d:], getattr(self, f"rah2_{i}_w"), getattr(self, f"rah2_{i}_b"))  # (B, Q, 1)
         bb = z[0].view(b, nq, d).relu()
         if i == 1 and not half:  # + inverse_sigmoid(ref0) + bias: a constant, inside the GEMM
-            new_pre = torch.baddbmm(self.bb3_c1, bb, self.bb3_w.t().expand(b, -1, -1))
+            new_pre = residual(self.bb3_c1, bb, self.bb3_w)
         else:
-            delta = F.linear(bb, self.bb3_w, self.bb3_b)
+            delta = linear(bb, self.bb3_w, self.bb3_b)
             inv = self.inv0 if i == 1 else _inverse_of_sigmoid(pre)
             new_pre = (delta.float() if half else delta) + inv
         new_ref = new_pre.sigmoid()  # (B, Q, 2) this layer's reference
@@ -247,8 +248,8 @@ class FusedLoopDecoder(FusedModule):
         scale = (rah.float() if half else rah).sigmoid() / new_ref[..., 1:2]
         if half:
             sine, scale = sine.to(x.dtype), scale.to(x.dtype)
-        hr = F.linear(sine, self.rph1_w, self.rph1_b).relu_()
-        qk = torch.baddbmm(g[..., 3 * d:5 * d], hr, getattr(self, f"p{i}_w").t().expand(b, -1, -1))
+        hr = linear(sine, self.rph1_w, self.rph1_b, relu=True)
+        qk = residual(g[..., 3 * d:5 * d], hr, getattr(self, f"p{i}_w"))
         t1 = self._self(i, x, g, qk)
         mod = sine * z[1].view(b, nq, d) * scale
         q = torch.baddbmm(getattr(self, f"q{i}_b"), torch.stack([t1, mod]).view(2, b * nq, d), getattr(self, f"q{i}_w"))

@@ -35,6 +35,7 @@ from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
 from reference.unimodal_encoder import UnimodalEncoder
 from reference.v2t_extractor import V2TExtractor
 
+from .onednn import addmm_t, linear, linear_add
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
                      residual, rows, wb)
 
@@ -64,8 +65,8 @@ class FusedUnimodalEncoder(FusedModule):
         self.put("w1", w1), self.put("b1", b1), self.put("w2", w2), self.put("b2", b2)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.linear(layer_norm(x, (self.n1w, self.n1b), self.eps1), self.w1, self.b1).relu_()
-        return F.linear(layer_norm(x, (self.n2w, self.n2b), self.eps2), self.w2, self.b2)
+        x = linear(layer_norm(x, (self.n1w, self.n1b), self.eps1), self.w1, self.b1, relu=True)
+        return linear(layer_norm(x, (self.n2w, self.n2b), self.eps2), self.w2, self.b2)
 
 
 def video_extra(v2t: V2TExtractor) -> tuple[Tensor, Tensor]:
@@ -119,7 +120,7 @@ class FusedV2T(FusedModule):
         beta = torch.softmax(masked(pool_logit, tkeep), dim=1)  # (B, N)
         pooled = torch.matmul(beta[:, None, :], txt)  # (B, 1, d)
         x = torch.cat([vid.expand(b, l, d), tv[..., :d], prod, pooled.expand(b, l, d)], 2)  # (B, L, 5d)
-        return F.linear(x, self.w, self.b).relu_()
+        return linear(x, self.w, self.b, relu=True)
 
 
 class _FFN(FusedModule):
@@ -149,10 +150,10 @@ class _FFN(FusedModule):
 
     def _attn_residual(self, x: Tensor, a: Tensor) -> Tensor:
         """x + out_proj(a) for a (B, L, d) merged heads: one addmm when x carries the bias."""
-        return residual(x, a, self.ow) if self.in_shifted else x + F.linear(a, self.ow, self.ob)
+        return residual(x, a, self.ow) if self.in_shifted else x + linear(a, self.ow, self.ob)
 
     def _hidden(self, x: Tensor) -> Tensor:
-        return F.prelu(F.linear(x, self.l1w, self.l1b), self.prelu)
+        return F.prelu(linear(x, self.l1w, self.l1b), self.prelu)
 
 
 def _shift_in(w: Tensor, b: Tensor, shift: Tensor | None) -> Tensor:
@@ -175,12 +176,12 @@ class FusedT2VLayer(_FFN):
 
     def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tmask: Mask) -> Tensor:
         d = vid.shape[-1]
-        q = F.linear(vid + pos, self.qw, self.qb)
+        q = linear(vid + pos, self.qw, self.qb)
         h = self.nhead
         a = attention(heads(q, h), heads(kv[..., :d], h), heads(kv[..., d:], h), tmask, (d // h) ** -0.5)
         vid = self._attn_residual(vid, a)
         # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
-        f = F.linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
+        f = linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
         return layer_norm(vid + f, (self.n2w, self.n2b), self.eps2)
 
 
@@ -202,8 +203,8 @@ class FusedEncoderLayer(_FFN):
 
     def forward(self, x: Tensor, pos: Tensor, vmask: Mask) -> Tensor:
         d = x.shape[-1]
-        qk = F.linear(x + pos, self.qkw, self.qkb)
-        v = F.linear(x, self.vw, self.vb)
+        qk = linear(x + pos, self.qkw, self.qkb)
+        v = linear(x, self.vw, self.vb)
         h = self.nhead
         a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5,
                       sdpa_in_half=True)
@@ -265,10 +266,12 @@ class FusedConvBlocks(FusedModule):
         for i in range(self.n):
             xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d)
             x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:], notm], 2).view(b * l, 3 * d + 1)
-            h = torch.addmm(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}")).view(b, l, d).relu_()
+            h = addmm_t(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
             hp = F.pad(h, (0, 0, 1, 1))
             h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m, notm], 2).view(b * l, 3 * d + 2)
-            x = torch.addmm(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}")).view(b, l, d).relu_()
+            w2, res = getattr(self, f"w2_{i}"), x.reshape(b * l, d)
+            y = linear_add(res, h3, w2, transposed=True)  # bf16/fp16 CPU: prepacked, the residual in the epilogue
+            x = (torch.addmm(res, h3, w2) if y is None else y).view(b, l, d).relu_()
         return x
 
 
@@ -314,7 +317,7 @@ class FusedConvolutionalFuser(FusedModule):
         x = self.v2t(vid_ext, txt, txt_ext[..., d:2 * d + 2], txt_ext[..., 2 * d + 2], vkeep, tkeep)
         kv = txt_ext[..., 2 * d + 3:]  # (B, N, 2d * n_t2v)
         if self.use_txt_pos and len(self.t2v):
-            kv = kv + F.linear(pos_txt, self.kpos_w)
+            kv = kv + linear(pos_txt, self.kpos_w)
         tmask = attention_mask(tkeep, self.nhead, x.dtype) if len(self.t2v) else None
         if vmask is None and len(self.enc1) + len(self.enc2):
             vmask = attention_mask(vkeep, self.nhead, x.dtype)

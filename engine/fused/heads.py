@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from reference.heads import HighlightDetectionHead, MomentRetrievalHead
 
+from .onednn import linear
 from .common import FusedModule, f64, rows, wb
 
 from kernels.gru import gru_last_state  # the GRU as one custom op (a persistent Triton kernel on CUDA)
@@ -41,8 +42,8 @@ class FusedMomentRetrievalHead(FusedModule):
         self.put("w3", wb(head.span_embed3)[0]), self.put("b3", wb(head.span_embed3)[1])
 
     def forward(self, hs: Tensor, inv_ref: Tensor) -> tuple[Tensor, Tensor]:
-        y = F.linear(hs, self.w1, self.b1)  # [logits | span hidden]
-        s = F.linear(F.linear(y[..., 2:].relu(), self.w2, self.b2).relu_(), self.w3, self.b3)
+        y = linear(hs, self.w1, self.b1)  # [logits | span hidden]
+        s = linear(linear(y[..., 2:].relu(), self.w2, self.b2, relu=True), self.w3, self.b3)
         if s.dtype != torch.float32:
             s = s.float()
         return y[..., :2], (s + inv_ref).sigmoid()

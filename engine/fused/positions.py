@@ -23,14 +23,10 @@ from torch import Tensor
 from reference.position_encoding import PositionEmbeddingSine
 
 from .common import FusedModule
+from .onednn import is_tracing as _is_tracing
 
 MAX_TABLE_CLIPS = 512  # 513 x 512 x 256 fp32 = 257 MiB: uncapped presets fall back to the formula beyond
 UNCAPPED_START = 128
-
-
-def _is_tracing() -> bool:
-    fn = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or bool(fn and fn())
 
 
 class SineTable(FusedModule):

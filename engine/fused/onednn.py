@@ -1,0 +1,107 @@
+"""Half-precision GEMMs on the CPU with oneDNN-prepacked weights (the fused model's linears in bf16/fp16).
+
+At this model's sizes (10-2400 rows, 256-2818 wide) a plain bf16 ``F.linear`` on the CPU re-lays out the
+weight for oneDNN's AMX/AVX-512 kernels on every call and is barely faster than fp32; with the weight
+reordered once (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` does) the same
+GEMM is 1.5-3x faster, and a ReLU or a residual add rides in its epilogue. So, for a bf16/fp16 weight on
+the CPU under no-grad, outside ``torch.compile``/export tracing:
+
+    linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise)
+    addmm_t(bias, x, wt)          # x @ wt + bias, wt = W^T     (the conv blocks' (K, N) weights)
+    linear_add(other, x, w)       # other + x @ w^T             (the residuals; ``other`` may be broadcast)
+
+Each packed copy is made on first use and cached per weight tensor (keyed by identity and ``_version``, so
+an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does). fp32
+weights always take the plain path: oneDNN's fp32 GEMM was not faster than MKL's here. Disable with
+``set_packing(False)`` (or ``LDDETR_ONEDNN=0``); any failure to pack turns packing off with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PACK_DTYPES = (torch.bfloat16, torch.float16)
+_cache: dict[tuple[int, bool], tuple[weakref.ref, int, Tensor]] = {}
+_state = {"enabled": os.environ.get("LDDETR_ONEDNN", "1") not in ("0", ""), "checked": False}
+
+
+def is_tracing() -> bool:
+    """Inside torch.compile / torch.export tracing (the packed ops are eager-only)."""
+    fn = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or bool(fn and fn())
+
+
+def set_packing(enabled: bool) -> None:
+    """Turn the prepacked oneDNN path on or off (process-wide; the default is on where oneDNN supports it)."""
+    _state["enabled"], _state["checked"] = bool(enabled), False
+    _cache.clear()
+
+
+def packing_enabled() -> bool:
+    if _state["enabled"] and not _state["checked"]:
+        ok = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        _state["enabled"], _state["checked"] = bool(ok), True
+    return _state["enabled"]
+
+
+def _eligible(x: Tensor, w: Tensor) -> bool:
+    return (w.dtype in PACK_DTYPES and x.dtype == w.dtype and x.device.type == "cpu" and w.dim() == 2
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and not is_tracing() and packing_enabled())
+
+
+def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
+    """The oneDNN-reordered copy of W (``transposed``: of ``w.t()``, for weights stored as W^T), or None if
+    packing failed (then it is off for the process)."""
+    key = (id(w), transposed)
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    try:
+        p = torch.ops.mkldnn._reorder_linear_weight((w.t() if transposed else w).contiguous(), None)
+    except Exception as e:  # an unsupported dtype / build: plain GEMMs from now on
+        warnings.warn(f"oneDNN weight packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
+        _state["enabled"] = False
+        return None
+    if hit is None:
+        weakref.finalize(w, _cache.pop, key, None)
+    _cache[key] = (weakref.ref(w), w._version, p)
+    return p
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``F.linear(x, w, b)`` (then ReLU): x (..., K), w (N, K) -> (..., N)."""
+    if _eligible(x, w):
+        p = packed(w)
+        if p is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, p, b, "relu" if relu else "none", [], "")
+    y = F.linear(x, w, b)
+    return y.relu_() if relu else y
+
+
+def addmm_t(bias: Tensor, x: Tensor, wt: Tensor, relu: bool = False) -> Tensor:
+    """``addmm(bias, x, wt)`` (then ReLU) for a weight stored transposed: x (M, K), wt (K, N) -> (M, N)."""
+    if _eligible(x, wt):
+        p = packed(wt, transposed=True)
+        if p is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, p, bias, "relu" if relu else "none", [], "")
+    y = torch.addmm(bias, x, wt)
+    return y.relu_() if relu else y
+
+
+def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False) -> Tensor | None:
+    """``other + x @ w^T`` (``transposed``: w is stored as W^T) in one packed GEMM, or None where the packed
+    path does not apply (the caller runs its addmm). x (M, K) or (B, S, K); other broadcastable to the output."""
+    if not _eligible(x, w):
+        return None
+    p = packed(w, transposed)
+    if p is None:
+        return None
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, None, "add")

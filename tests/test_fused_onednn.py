@@ -1,0 +1,78 @@
+"""engine/fused/onednn.py: bf16/fp16 GEMMs with oneDNN-prepacked weights on the CPU — the same numbers as the
+plain GEMMs (to half-precision rounding), used where they apply and never where they do not (fp32, grad,
+a weight written in place or replaced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import randomize_bn_stats_, random_batch, rel
+from engine.fused import FusedLDDETR
+from engine.fused import onednn
+from reference import LDDETR
+
+pytestmark = pytest.mark.skipif(not onednn.packing_enabled(), reason="this torch build has no oneDNN bf16 GEMMs")
+
+
+@pytest.fixture(autouse=True)
+def _packing_on():
+    onednn.set_packing(True)
+    yield
+    onednn.set_packing(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ops_match_plain_gemms(fresh_seed, dtype):
+    x = torch.randn(3, 7, 40).to(dtype)
+    w, b = torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
+    other = torch.randn(7, 24).to(dtype).expand(3, 7, 24)  # a broadcast residual, as the decoder's constants
+    with torch.no_grad():
+        plain = F.linear(x.float(), w.float(), b.float())
+        assert rel(onednn.linear(x, w, b), plain) < 1e-2
+        assert rel(onednn.linear(x, w, b, relu=True), plain.relu()) < 1e-2
+        assert rel(onednn.linear_add(other, x, w), other.float() + F.linear(x.float(), w.float())) < 1e-2
+        wt = w.t().contiguous()  # stored as W^T, as the conv blocks' weights
+        x2 = x.reshape(21, 40)
+        assert rel(onednn.addmm_t(b, x2, wt, relu=True), plain.reshape(21, 24).relu()) < 1e-2
+        assert rel(onednn.linear_add(other.reshape(21, 24), x2, wt, transposed=True),
+                   other.reshape(21, 24).float() + x2.float() @ wt.float()) < 1e-2
+    assert len(onednn._cache) == 2  # w, and wt transposed: packed once each
+
+
+def test_repacks_after_an_in_place_write_and_never_packs_fp32_or_grad(fresh_seed):
+    x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    with torch.no_grad():
+        first = onednn.linear(x, w)
+        w.mul_(2)  # e.g. load_state_dict into the fused model
+        assert rel(onednn.linear(x, w), 2 * first.float()) < 1e-2  # the stale pack is not used
+        onednn._cache.clear()
+        onednn.linear(x.float(), w.float())
+    assert not onednn._cache  # fp32 takes the plain path
+    wg = w.float().bfloat16().requires_grad_()
+    y = onednn.linear(x, wg)  # grad mode with a weight that requires grad: plain F.linear (differentiable)
+    assert y.requires_grad and not onednn._cache
+
+
+def test_fused_bf16_packed_equals_plain(fresh_seed, small_cfg):
+    """The whole fused model in bf16: with packing the outputs equal the plain-GEMM outputs to bf16 rounding,
+    and the packed path really ran (weights in the cache). Saliency follows the top-1 moment, whose choice
+    random weights leave within bf16 rounding: both runs use the plain run's top-1 slice."""
+    model = randomize_bn_stats_(LDDETR(small_cfg).eval())
+    fused = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)
+    batch = random_batch(small_cfg, [75, 40, 9], [9, 5, 3])
+    head, bounds = fused.hd_head, []
+    real = head.slice_bounds
+    head.slice_bounds = lambda *a: bounds[0] if bounds else bounds.append(real(*a)) or bounds[0]
+    with torch.inference_mode():
+        onednn.set_packing(False)
+        plain = fused(*batch)
+        assert not onednn._cache
+        onednn.set_packing(True)
+        packed = fused(*batch)
+    assert len(onednn._cache) > 20
+    assert rel(packed["pred_spans"], plain["pred_spans"]) < 1e-2
+    assert rel(packed["pred_logits"].float(), plain["pred_logits"].float()) < 2e-2
+    keep = batch[1]
+    assert rel(packed["saliency_scores"].float()[keep], plain["saliency_scores"].float()[keep]) < 3e-2
