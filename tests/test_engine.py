@@ -285,6 +285,20 @@ def test_graph_capture_failures_fall_back_but_input_errors_propagate(monkeypatch
     assert eng.graph_max_batch == 0 and eng.num_graphs == 0 and out["pred_spans"].shape == (1, 10, 2)
 
 
+def test_cpu_compile_freezes_weights_unless_a_mode_is_given(small_cfg, monkeypatch):
+    """On the CPU the whole-forward compile asks inductor for freezing (prepacked GEMMs); a caller's
+    compile_mode is passed instead (torch.compile refuses both), and other backends get neither."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    model = LDDETR(small_cfg).eval()
+    build(model, device="cpu", compile="model")
+    build(model, device="cpu", compile="model", compile_mode="max-autotune")
+    build(model, device="cpu", compile="model", compile_backend="eager")
+    assert seen[0]["options"] == {"freezing": True} and "mode" not in seen[0]
+    assert seen[1]["mode"] == "max-autotune" and "options" not in seen[1]
+    assert seen[2]["mode"] is None and "options" not in seen[2]
+
+
 @pytest.mark.slow
 def test_inductor_compiled_engine_matches(fresh_seed, small_cfg):
     """The whole forward through inductor on CPU (~4 minutes on 2 cores): inductor's SDPA pattern rewrite
