@@ -5,7 +5,7 @@
 * Highlight detection: the top-1 slice bounds with fewer ops than :func:`reference.heads.top1_slice_bounds`
   (same values: ``cxw -> xx`` as one exact 2x2 matmul, the ``* (T clip) / clip`` pair skipped when
   ``clip_length`` is a power of two, where it is exact); the GRU as one op
-  (:func:`kernels.gru.gru_last_state`: a persistent Triton kernel on CUDA, aten's packed GRU or a lean loop
+  (:func:`kernels.gru.gru_last_state`: a persistent Triton kernel on CUDA, a lean torch loop
   elsewhere; its weights are plain buffers, so the fused model holds no ``nn.GRU``); ``saliency_proj(R (1 + w)).sum(-1) / sqrt(d)`` is linear in R per clip, so it is
   ``r (1 + w) + c`` with ``r = R u``, ``u = 1^T W / sqrt(d)`` — ``R u`` comes from the decoder's memory GEMM.
 """
