@@ -79,14 +79,11 @@ def residual(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
 
     x (B, S, n) (any strides that view as B S rows) or a constant (S, n) broadcast over the batch; a (B, S, k);
     w (n, k) -> (B, S, n). Also the decoder's affine maps with a per-query constant bias."""
-    b, s, k = a.shape
+    b, s, _ = a.shape
     if x.dim() == 2:  # a per-row constant: expanded over the batch (a view at B = 1, a small copy above)
         x = x.expand(b, s, x.shape[-1])
-    y = linear_add(x, a, w)  # bf16/fp16 on the CPU: one prepacked oneDNN GEMM with the add in its epilogue
-    if y is not None:
-        return y
-    # addmm, not baddbmm over an expanded W^T: bf16 baddbmm copies the expanded weight on every call
-    return torch.addmm(x.reshape(b * s, -1), a.reshape(b * s, k), w.t()).view(b, s, -1)
+    # one addmm (not baddbmm over an expanded W^T, which bf16 copies every call), or the prepacked oneDNN GEMM
+    return linear_add(x, a, w)
 
 
 def merge_heads(x: Tensor) -> Tensor:

@@ -269,9 +269,7 @@ class FusedConvBlocks(FusedModule):
             h = addmm_t(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
             hp = F.pad(h, (0, 0, 1, 1))
             h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m, notm], 2).view(b * l, 3 * d + 2)
-            w2, res = getattr(self, f"w2_{i}"), x.reshape(b * l, d)
-            y = linear_add(res, h3, w2, transposed=True)  # bf16/fp16 CPU: prepacked, the residual in the epilogue
-            x = (torch.addmm(res, h3, w2) if y is None else y).view(b, l, d).relu_()
+            x = linear_add(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}"), transposed=True).view(b, l, d).relu_()
         return x
 
 

@@ -8,7 +8,7 @@ the CPU under no-grad, outside ``torch.compile``/export tracing:
 
     linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise)
     addmm_t(bias, x, wt)          # x @ wt + bias, wt = W^T     (the conv blocks' (K, N) weights)
-    linear_add(other, x, w)       # other + x @ w^T             (the residuals; ``other`` may be broadcast)
+    linear_add(other, x, w)       # other + x @ w^T             (the residuals; addmm otherwise)
 
 Each packed copy is made on first use and cached per weight tensor (keyed by identity and ``_version``, so
 an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does). fp32
@@ -43,18 +43,27 @@ def set_packing(enabled: bool) -> None:
     _cache.clear()
 
 
-def packing_enabled() -> bool:
-    if _state["enabled"] and not _state["checked"]:
-        ok = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        _state["enabled"], _state["checked"] = bool(ok), True
-    return _state["enabled"]
+def _supported(dtype: torch.dtype) -> bool:
+    """oneDNN has fast kernels for ``dtype`` on this CPU (bf16: AVX512-BF16/AMX, fp16: AVX512-FP16/AMX-FP16)."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    fn = getattr(torch.ops.mkldnn, check, None)
+    return bool(fn is not None and fn())
+
+
+def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``dtype`` GEMMs take the prepacked path (on, oneDNN available and fast for it on this CPU)."""
+    if not _state["enabled"]:
+        return False
+    if not _state["checked"]:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        _state.update(checked=True, enabled=bool(ok), dtypes={d: ok and _supported(d) for d in PACK_DTYPES})
+    return _state["enabled"] and _state["dtypes"][dtype]
 
 
 def _eligible(x: Tensor, w: Tensor) -> bool:
     return (w.dtype in PACK_DTYPES and x.dtype == w.dtype and x.device.type == "cpu" and w.dim() == 2
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and not is_tracing() and packing_enabled())
+            and not is_tracing() and packing_enabled(w.dtype))
 
 
 def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
@@ -96,12 +105,13 @@ def addmm_t(bias: Tensor, x: Tensor, wt: Tensor, relu: bool = False) -> Tensor:
     return y.relu_() if relu else y
 
 
-def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False) -> Tensor | None:
-    """``other + x @ w^T`` (``transposed``: w is stored as W^T) in one packed GEMM, or None where the packed
-    path does not apply (the caller runs its addmm). x (M, K) or (B, S, K); other broadcastable to the output."""
-    if not _eligible(x, w):
-        return None
-    p = packed(w, transposed)
-    if p is None:
-        return None
-    return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, None, "add")
+def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False) -> Tensor:
+    """``other + x @ w^T`` (``transposed``: w is stored as W^T) as one GEMM: prepacked with the add in its
+    epilogue, or one ``addmm``. x (..., K), other (..., N) of the output's shape (any strides) -> (..., N)."""
+    if _eligible(x, w):
+        p = packed(w, transposed)
+        if p is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, None, "add")
+    k, n = x.shape[-1], other.shape[-1]
+    y = torch.addmm(other.reshape(-1, n), x.reshape(-1, k), w if transposed else w.t())
+    return y.view(*x.shape[:-1], n)
