@@ -52,6 +52,7 @@ from .postprocess import to_records
 from .cuda_graph import CudaGraphStep, pad_batch
 from .preload import PreloadedLoader
 from .step import TrainStep, batch_to_device, lr_to_device_
+from .train_compile import compile_for_training
 from .step import make_optimizer as make_step_optimizer
 
 log = logging.getLogger("ld_detr.train")
@@ -274,7 +275,7 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             run_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         if args.compile:
-            run_model = torch.compile(run_model, dynamic=True, backend=args.compile_backend)
+            run_model = compile_for_training(run_model, model, device, args.compile_backend)
         step_fn = TrainStep(run_model, criterion, optimizer, params, grad_clip=cfg.grad_clip, device=device,
                             amp=amp, compiled=args.compile) if one_graph else None
         if args.cuda_graph:

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder: checkpoints, predictions, metrics and logs go there")
     r.add_argument("--resume", type=Path, default=None, help="a latest.pt to continue from")
     r.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (dynamic shapes; the criterion, backward and optimizer "
-                        "stay eager: on CPU compiling them costs more than it saves)")
+                   help="torch.compile (dynamic shapes): on CUDA the model's whole forward (the criterion, backward "
+                        "and optimizer stay eager; --cuda-graph captures the step); on CPU only the conv blocks, "
+                        "because nothing compiled makes a CPU step faster (measured: engine/train_compile.py)")
     r.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
     r.add_argument("--dtype", "--amp", dest="dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",

@@ -7,6 +7,8 @@
   (inference; training uses torch ops).
 * ``queue_loss`` — Distill Align's soft-target cross-entropy against [momentum batch | queue], streaming the
   queue once (online log-sum-exp), with a recomputing backward; plus the plain queue similarity.
+* ``gru_sequence`` — the highlight head's ``nn.GRU`` as one differentiable custom op while ``torch.compile``
+  traces (no unrolled time loop, no recompile per length); eager calls stay ``nn.GRU``.
 
 "auto" picks Triton for CUDA tensors and torch otherwise (decided per call, so ``model.to(device)`` after
 ``apply`` works); ``LDDETR_KERNELS=torch|triton`` overrides "auto". Forcing "triton" on CPU tensors needs

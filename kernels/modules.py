@@ -100,4 +100,22 @@ class TritonDistillAlign(DistillAlign):
                                   precision=self.kernel_precision, backend="triton")
 
 
-SWAPS = {ConvolutionalBlocks: TritonConvolutionalBlocks, DistillAlign: TritonDistillAlign}
+class SequenceGRU(torch.nn.GRU):
+    """The highlight head's ``nn.GRU`` as one opaque op while ``torch.compile`` traces (``kernels.gru_sequence``):
+    one graph node of any length, forward and backward, instead of dynamo's unrolled time loop that
+    specialises the graph on the batch's length. Eager calls, autocast, an initial state or any other GRU
+    shape run ``nn.GRU.forward`` itself; the op calls the same ``torch._VF.gru``, so the numbers are equal."""
+
+    def forward(self, input, hx=None):  # noqa: A002 (nn.GRU's signature)
+        if (torch.compiler.is_compiling() and hx is None and self.batch_first and self.num_layers == 1
+                and self.bias and not self.bidirectional and self.proj_size == 0 and torch.is_tensor(input)
+                and input.dim() == 3 and not torch.is_autocast_enabled(input.device.type)):
+            from .gru_sequence import gru_sequence
+
+            out = gru_sequence(input, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
+            return out, out[:, -1].unsqueeze(0)
+        return super().forward(input, hx)
+
+
+SWAPS = {ConvolutionalBlocks: TritonConvolutionalBlocks, DistillAlign: TritonDistillAlign,
+         torch.nn.GRU: SequenceGRU}

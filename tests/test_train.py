@@ -174,9 +174,9 @@ def test_amp_bf16_training_runs(tiny_synthetic, tmp_path):
     pytest.param("inductor", marks=pytest.mark.slow),  # + inductor codegen: ~8 min on 2 CPU cores
 ])
 def test_compile_training_runs_and_logs_compile_time(tiny_synthetic, tmp_path, backend):
-    """--compile: torch.compile(dynamic=True) of the training forward, captured without a graph break (the
-    GRU is traced under allow_rnn); the first (compiling) step is logged apart from the steady-state
-    throughput."""
+    """--compile on CPU: the conv blocks compiled (engine.train_compile; the whole-forward CUDA policy is
+    tested in tests/test_kernels_gru_sequence.py), captured without a graph break; the first (compiling)
+    step is logged apart from the steady-state throughput."""
     from torch._dynamo.utils import counters
 
     counters.clear()
