@@ -32,6 +32,15 @@ SYNTHETIC_OVERRIDES = dict(
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
+def _compile_backend(name: str) -> str:
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a torch.compile backend "
+                                         f"(e.g. {', '.join(['eager', 'aot_eager', *torch._dynamo.list_backends()])})")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m engine.train", "Train LD-DETR: the built-in synthetic job without data flags, or any "
                    "dataset in the Moment-DETR / QD-DETR feature layout; the best checkpoint is chosen on the "
@@ -71,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile (dynamic shapes): on CUDA the model's whole forward (the criterion, backward "
                         "and optimizer stay eager; --cuda-graph captures the step); on CPU only the conv blocks, "
                         "because nothing compiled makes a CPU step faster (measured: engine/train_compile.py)")
-    r.add_argument("--compile-backend", default="inductor",
+    r.add_argument("--compile-backend", default="inductor", type=_compile_backend,
                    help="torch.compile backend with --compile ('eager' only traces: a quick check of the capture)")
     r.add_argument("--dtype", "--amp", dest="dtype", type=cli.dtype_arg, default="fp32", metavar="{fp32,bf16,fp16}",
                    help="training precision: fp32, or bf16 / fp16 autocast")

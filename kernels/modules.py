@@ -14,6 +14,7 @@ from reference.conv_blocks import ConvolutionalBlocks
 from reference.distill_align import DistillAlign
 
 from ._utils import dot_precision, resolve_backend
+from .gru_sequence import gru_sequence
 
 
 def _is_exporting() -> bool:
@@ -110,8 +111,6 @@ class SequenceGRU(torch.nn.GRU):
         if (torch.compiler.is_compiling() and hx is None and self.batch_first and self.num_layers == 1
                 and self.bias and not self.bidirectional and self.proj_size == 0 and torch.is_tensor(input)
                 and input.dim() == 3 and not torch.is_autocast_enabled(input.device.type)):
-            from .gru_sequence import gru_sequence
-
             out = gru_sequence(input, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0)
             return out, out[:, -1].unsqueeze(0)
         return super().forward(input, hx)

@@ -36,6 +36,7 @@ def _patch_step(monkeypatch, fn) -> None:
     (["--epochs", "0"], "--epochs: must be >= 1, got 0"),
     (["--lr", "nan"], "--lr: must be a finite number > 0, got 'nan'"),
     (["--dtype", "fp8"], "--dtype: invalid choice 'fp8'"),
+    (["--compile", "--compile-backend", "nope"], "--compile-backend: 'nope' is not a torch.compile backend"),
 ])
 
 def test_bad_flags_exit_2_with_one_line(flags, text, tmp_path, capsys):
