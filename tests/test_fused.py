@@ -71,7 +71,8 @@ def test_fused_every_preset_full_size(strict_fp32, fresh_seed, preset):
 
 def test_one_video_several_queries(strict_fp32, fresh_seed, small_cfg):
     """A (1, T, Dv) video against B queries: the video side is encoded once, each query gets the same
-    answer as the video repeated B times (and as the reference on the repeated batch)."""
+    answer as the video repeated B times (and as the reference on the repeated batch). The same answer to
+    fp32 rounding, not bit for bit: oneDNN's fp32 GEMMs block rows differently at 37 and 148 rows."""
     model, fused = _models(small_cfg)
     video, vmask, text, tmask = random_batch(small_cfg, [37, 37, 37, 37], [7, 5, 9, 3])
     video, vmask = video[:1].expand(4, -1, -1), vmask[:1].expand(4, -1)
@@ -81,7 +82,7 @@ def test_one_video_several_queries(strict_fp32, fresh_seed, small_cfg):
         rep = fused(video, vmask, text, tmask)
     compare(ref, one, vmask, 1e-5)
     for key in ("pred_logits", "pred_spans", "saliency_scores"):
-        torch.testing.assert_close(one[key], rep[key], rtol=1e-6, atol=1e-6)
+        assert rel(one[key], rep[key]) < 1e-6, key
 
 
 def test_fused_is_built_from_the_weights(fresh_seed, small_cfg):
@@ -152,8 +153,9 @@ def test_bf16_within_the_references_own_bf16_error(fresh_seed, small_cfg):
 
 
 def test_fp16_padded_batch_stays_finite_and_close(fresh_seed, small_cfg):
-    """Native fp16 on a padded batch: the conv blocks' masking row holds fp16's lowest finite value (fp32's
-    would be -inf, and 0 * -inf a NaN on every valid clip), so outputs are finite and near fp32."""
+    """Native fp16 on a padded batch: every mask value the fused model adds (attention biases, the V2T
+    scores) is within fp16's range (fp32's lowest would be -inf, and 0 * -inf a NaN), so outputs are finite
+    and near fp32."""
     model, fused = _models(small_cfg)
     fused.to_dtype(torch.float16)
     batch = random_batch(small_cfg, [75, 60, 31, 8], [9, 5, 12, 3])

@@ -1,6 +1,6 @@
-"""engine/fused/onednn.py: bf16/fp16 GEMMs with oneDNN-prepacked weights on the CPU — the same numbers as the
-plain GEMMs (to half-precision rounding), used where they apply and never where they do not (fp32, grad,
-a weight written in place or replaced)."""
+"""engine/fused/onednn.py: GEMMs with oneDNN-prepacked weights on the CPU — the same numbers as the plain
+GEMMs (to half-precision rounding; fp32 to fp32 rounding), used where they apply and never where they do not
+(small fp32 weights, grad, a weight written in place or replaced)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _packing_on():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ops_match_plain_gemms(fresh_seed, dtype):
+    if not onednn.packing_enabled(dtype):
+        pytest.skip(f"oneDNN has no fast {dtype} GEMMs on this CPU (fp16: AVX512-FP16 / AMX-FP16)")
     x = torch.randn(3, 7, 40).to(dtype)
     w, b = torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
     other = torch.randn(7, 24).to(dtype).expand(3, 7, 24)  # a broadcast residual, as the decoder's constants
@@ -41,7 +43,25 @@ def test_ops_match_plain_gemms(fresh_seed, dtype):
     assert len(onednn._cache) == 2  # w, and wt transposed: packed once each
 
 
-def test_repacks_after_an_in_place_write_and_never_packs_fp32_or_grad(fresh_seed):
+def test_fp32_packs_only_large_weights_and_matches_ieee_gemms(fresh_seed):
+    """fp32 weights above FP32_MIN_PACKED elements take oneDNN (IEEE fp32: the plain GEMM's numbers to fp32
+    rounding, against float64), smaller ones MKL's addmm."""
+    k, n = 256, onednn.FP32_MIN_PACKED // 256 + 3
+    x, w, b = torch.randn(3, 11, k), torch.randn(n, k), torch.randn(n)
+    other = torch.randn(3, 11, n)
+    exact = F.linear(x.double(), w.double(), b.double())
+    with torch.no_grad():
+        y = onednn.linear(x, w, b)
+        y_add = onednn.linear_add(other, x, w, bias=b)
+        assert len(onednn._cache) == 1
+        assert rel(y, exact) < 1e-6 and rel(F.linear(x, w, b), exact) < 1e-6
+        assert rel(y_add, other.double() + exact) < 1e-6
+        small = torch.randn(16, k)
+        onednn.linear(x, small)
+    assert len(onednn._cache) == 1  # the small weight took the plain path
+
+
+def test_repacks_after_an_in_place_write_and_never_packs_small_fp32_or_grad(fresh_seed):
     x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16).bfloat16()
     with torch.no_grad():
         first = onednn.linear(x, w)
@@ -49,7 +69,7 @@ def test_repacks_after_an_in_place_write_and_never_packs_fp32_or_grad(fresh_seed
         assert rel(onednn.linear(x, w), 2 * first.float()) < 1e-2  # the stale pack is not used
         onednn._cache.clear()
         onednn.linear(x.float(), w.float())
-    assert not onednn._cache  # fp32 takes the plain path
+    assert not onednn._cache  # a small fp32 weight takes the plain path
     wg = w.float().bfloat16().requires_grad_()
     y = onednn.linear(x, wg)  # grad mode with a weight that requires grad: plain F.linear (differentiable)
     assert y.requires_grad and not onednn._cache

@@ -16,9 +16,9 @@ reference, all derived from its weights at build time:
   text GEMM); attention is one SDPA kernel on CUDA and baddbmm/softmax/bmm off it
   (:func:`engine.fused.common.attention`), the mask bias built once per forward;
 * Convolutional Blocks: BatchNorm folded once into buffers (``kernels.conv_block.fold_conv_bn``); off CUDA
-  each k=3 conv is one GEMM over the three shifted inputs ``[x_{t-1} | x_t | x_{t+1}]`` plus mask columns
-  that zero the padded clips inside the GEMM (see :class:`FusedConvBlocks`), the second with the residual
-  accumulated in the same ``addmm``; on CUDA the fused Triton block kernel. Padded clips are zero
+  each k=3 conv is one GEMM over the three shifted inputs ``[x_{t-1} | x_t | x_{t+1}]`` (one strided copy of
+  the padded input, see :class:`FusedConvBlocks`), the second with the residual and bias accumulated in the
+  same GEMM; on CUDA the fused Triton block kernel. Padded clips are zero
   between blocks (the reference zeroes them before each conv), so only valid clips of the result are defined,
   as in the reference.
 """
@@ -216,10 +216,11 @@ class FusedConvBlocks(FusedModule):
     """Convolutional Blocks with BN folded. forward(x (B, L, d) zero at padded clips, m (B, L, 1) float
     valid mask, vkeep (B, L) bool) -> (B, L, d), zero at padded clips.
 
-    Off CUDA each k=3 conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1} | (m) | 1 - m]``: the ``1 - m`` column
-    meets a weight row of the dtype's lowest finite value, so a padded clip's pre-activation is that value
-    (or -inf) and its ReLU output exactly 0 — the padding mask costs no op; on a valid clip the row adds an
-    exact -0. Conv2's bias rides on the ``m`` column, so the residual ``x`` is the addmm input."""
+    Off CUDA each k=3 conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1}]`` (B L, 3d): the rows of the zero-padded
+    (B, L + 2, d) input overlap by d, so that matrix is one strided copy of it (no concatenation); the second
+    conv's residual add and bias ride in its GEMM. The padded clips are zeroed after each conv (the
+    reference zeroes them before each one; a valid clip next to the padding reads them) — two in-place
+    multiplies per block, skipped in eager mode when no clip is padded."""
 
     replaces = "reference.conv_blocks.ConvolutionalBlocks"
     kernel_backend: str = "auto"
@@ -234,17 +235,9 @@ class FusedConvBlocks(FusedModule):
             w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)  # (D_out, D_in, 3), (D_out,) float64
             w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
             d = w1.shape[0]
-            low = torch.full((1, d), torch.finfo(torch.float32).min, dtype=torch.float64)
             # (3 * D_in, D_out) with row k * D_in + c = W'[:, c, k]: the GEMM over [x_{t-1} | x_t | x_{t+1}]
-            self.put(f"w1_{i}", torch.cat([w1.permute(2, 1, 0).reshape(3 * d, d), low], 0))  # + the 1 - m row
-            self.put(f"b1_{i}", b1)
-            self.put(f"w2_{i}", torch.cat([w2.permute(2, 1, 0).reshape(3 * d, d), b2[None], low], 0))  # m, 1 - m
-
-    def after_dtype(self, dtype: torch.dtype) -> None:
-        """The masking rows hold the new dtype's lowest finite value (fp32's would be -inf in fp16)."""
-        for i in range(self.n):
-            getattr(self, f"w1_{i}")[-1] = torch.finfo(dtype).min
-            getattr(self, f"w2_{i}")[-1] = torch.finfo(dtype).min
+            self.put(f"w1_{i}", w1.permute(2, 1, 0).reshape(3 * d, d)), self.put(f"b1_{i}", b1)
+            self.put(f"w2_{i}", w2.permute(2, 1, 0).reshape(3 * d, d)), self.put(f"b2_{i}", b2)
 
     def _use_kernel(self, x: Tensor) -> bool:
         from kernels._utils import resolve_backend
@@ -257,20 +250,31 @@ class FusedConvBlocks(FusedModule):
         if self._use_kernel(x):
             from kernels.conv_block import FoldedBlock, residual_block_stack
 
-            blocks = [FoldedBlock(getattr(self, f"w1_{i}")[:-1].view(3, d, d), getattr(self, f"b1_{i}").float(),
-                                  getattr(self, f"w2_{i}")[:-2].view(3, d, d), getattr(self, f"w2_{i}")[-2].float())
+            blocks = [FoldedBlock(getattr(self, f"w1_{i}").view(3, d, d), getattr(self, f"b1_{i}").float(),
+                                  getattr(self, f"w2_{i}").view(3, d, d), getattr(self, f"b2_{i}").float())
                       for i in range(self.n)]
             return residual_block_stack(x.contiguous(), vkeep.contiguous(), blocks, seq_first=False,
                                         precision=self.kernel_precision) * m
-        notm = 1 - m  # (B, L, 1)
+        from .positions import _is_tracing
+
+        padded = _is_tracing() or not bool(vkeep.all())  # eager CPU: a free read; traced graphs always mask
         for i in range(self.n):
-            xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d)
-            x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:], notm], 2).view(b * l, 3 * d + 1)
-            h = addmm_t(getattr(self, f"b1_{i}"), x3, getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
-            hp = F.pad(h, (0, 0, 1, 1))
-            h3 = torch.cat([hp[:, :-2], hp[:, 1:-1], hp[:, 2:], m, notm], 2).view(b * l, 3 * d + 2)
-            x = linear_add(x.reshape(b * l, d), h3, getattr(self, f"w2_{i}"), transposed=True).view(b, l, d).relu_()
+            h = addmm_t(getattr(self, f"b1_{i}"), _shifted_rows(x), getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
+            if padded:
+                h = h.mul_(m)
+            x = linear_add(x.reshape(b * l, d), _shifted_rows(h), getattr(self, f"w2_{i}"), transposed=True,
+                           bias=getattr(self, f"b2_{i}")).view(b, l, d).relu_()
+            if padded:
+                x = x.mul_(m)
         return x
+
+
+def _shifted_rows(x: Tensor) -> Tensor:
+    """x (B, L, d) -> (B L, 3d) with row (b, t) = [x_{t-1} | x_t | x_{t+1}] (zero outside [0, L)): the rows of the
+    zero-padded (B, L + 2, d) tensor read with a stride of d, made contiguous (one copy)."""
+    b, l, d = x.shape
+    xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d) contiguous
+    return xp.as_strided((b, l, 3 * d), ((l + 2) * d, d, 1)).reshape(b * l, 3 * d).contiguous()
 
 
 class FusedConvolutionalFuser(FusedModule):

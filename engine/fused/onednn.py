@@ -1,18 +1,21 @@
-"""Half-precision GEMMs on the CPU with oneDNN-prepacked weights (the fused model's linears in bf16/fp16).
+"""GEMMs on the CPU with oneDNN-prepacked weights (the fused model's linears).
 
 At this model's sizes (10-2400 rows, 256-2818 wide) a plain bf16 ``F.linear`` on the CPU re-lays out the
 weight for oneDNN's AMX/AVX-512 kernels on every call and is barely faster than fp32; with the weight
 reordered once (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's ``freezing`` does) the same
-GEMM is 1.5-3x faster, and a ReLU or a residual add rides in its epilogue. So, for a bf16/fp16 weight on
-the CPU under no-grad, outside ``torch.compile``/export tracing:
+GEMM is 1.5-3x faster, and a ReLU or a residual add rides in its epilogue. In fp32, oneDNN's prepacked GEMM
+beats MKL's ``addmm`` by 10-45% once the weight is larger than 256 x 256 (2 threads, rows 10-2400, e.g.
+75 x 2818 -> 256: 502 vs 655 us, 10 x 256 -> 1024: 42 vs 77 us) and loses at or below it (its fixed cost,
+~16 us a call, is most of a 10 x 256 x 256 GEMM): fp32 weights up to ``FP32_MIN_PACKED`` elements take
+MKL. Both are IEEE fp32 (oneDNN honours ``torch.backends.mkldnn.matmul.fp32_precision``, "ieee" unless the
+user lowers it). So, for a weight on the CPU under no-grad, outside ``torch.compile``/export tracing:
 
     linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise)
     addmm_t(bias, x, wt)          # x @ wt + bias, wt = W^T     (the conv blocks' (K, N) weights)
-    linear_add(other, x, w)       # other + x @ w^T             (the residuals; addmm otherwise)
+    linear_add(other, x, w, bias=None)  # other + x @ w^T (+ bias)  (the residuals; addmm otherwise)
 
 Each packed copy is made on first use and cached per weight tensor (keyed by identity and ``_version``, so
-an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does). fp32
-weights always take the plain path: oneDNN's fp32 GEMM was not faster than MKL's here. Disable with
+an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does). Disable with
 ``set_packing(False)`` (or ``LDDETR_ONEDNN=0``); any failure to pack turns packing off with one warning.
 """
 
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PACK_DTYPES = (torch.bfloat16, torch.float16)
+PACK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP32_MIN_PACKED = 256 * 256  # fp32 weights with more elements than this take oneDNN (see above)
 _cache: dict[tuple[int, bool], tuple[weakref.ref, int, Tensor]] = {}
 _state = {"enabled": os.environ.get("LDDETR_ONEDNN", "1") not in ("0", ""), "checked": False}
 
@@ -45,6 +49,8 @@ def set_packing(enabled: bool) -> None:
 
 def _supported(dtype: torch.dtype) -> bool:
     """oneDNN has fast kernels for ``dtype`` on this CPU (bf16: AVX512-BF16/AMX, fp16: AVX512-FP16/AMX-FP16)."""
+    if dtype == torch.float32:
+        return True
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     fn = getattr(torch.ops.mkldnn, check, None)
     return bool(fn is not None and fn())
@@ -61,7 +67,8 @@ def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def _eligible(x: Tensor, w: Tensor) -> bool:
-    return (w.dtype in PACK_DTYPES and x.dtype == w.dtype and x.device.type == "cpu" and w.dim() == 2
+    return (w.dtype in PACK_DTYPES and x.dtype == w.dtype
+            and (w.dtype != torch.float32 or w.numel() > FP32_MIN_PACKED) and x.device.type == "cpu" and w.dim() == 2
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and not is_tracing() and packing_enabled(w.dtype))
 
@@ -105,13 +112,16 @@ def addmm_t(bias: Tensor, x: Tensor, wt: Tensor, relu: bool = False) -> Tensor:
     return y.relu_() if relu else y
 
 
-def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False) -> Tensor:
-    """``other + x @ w^T`` (``transposed``: w is stored as W^T) as one GEMM: prepacked with the add in its
-    epilogue, or one ``addmm``. x (..., K), other (..., N) of the output's shape (any strides) -> (..., N)."""
+def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False, bias: Tensor | None = None) -> Tensor:
+    """``other + x @ w^T (+ bias)`` (``transposed``: w is stored as W^T) as one GEMM: prepacked with the add in
+    its epilogue, or one ``addmm`` (+ the bias). x (..., K), other (..., N) of the output's shape (any strides),
+    bias (N,) -> (..., N)."""
     if _eligible(x, w):
         p = packed(w, transposed)
         if p is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, None, "add")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, bias, "add")
     k, n = x.shape[-1], other.shape[-1]
     y = torch.addmm(other.reshape(-1, n), x.reshape(-1, k), w if transposed else w.t())
+    if bias is not None:
+        y = y.add_(bias)
     return y.view(*x.shape[:-1], n)
