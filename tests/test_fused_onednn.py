@@ -96,3 +96,22 @@ def test_fused_bf16_packed_equals_plain(fresh_seed, small_cfg):
     assert rel(packed["pred_logits"].float(), plain["pred_logits"].float()) < 2e-2
     keep = batch[1]
     assert rel(packed["saliency_scores"].float()[keep], plain["saliency_scores"].float()[keep]) < 3e-2
+
+
+def test_built_under_inference_mode_still_packs(fresh_seed, small_cfg):
+    """A fused model built (and cast) inside ``torch.inference_mode`` holds normal tensors, so its GEMMs are
+    packed (an inference tensor has no version counter: packing one would raise, or miss an in-place write),
+    and a weight that is an inference tensor takes the plain path."""
+    model = randomize_bn_stats_(LDDETR(small_cfg).eval())
+    batch = random_batch(small_cfg, [75, 40], [9, 5])
+    with torch.inference_mode():
+        fused = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)
+        out = fused(*batch)
+        assert len(onednn._cache) > 20
+        x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16).bfloat16()  # inference tensors
+        before = len(onednn._cache)
+        assert rel(onednn.linear(x, w), F.linear(x.float(), w.float())) < 1e-2 and len(onednn._cache) == before
+    assert not any(b.is_inference() for b in fused.buffers())
+    with torch.no_grad():
+        again = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)(*batch)
+    assert torch.equal(out["pred_spans"], again["pred_spans"])

@@ -63,8 +63,8 @@ class FusedLDDETR(FusedModule):
             raise TypeError(f"FusedLDDETR.from_reference expects a reference LDDETR, got {type(model).__name__}")
         was_training = model.training
         model.eval()  # build-time constant folding runs reference modules: dropout must be off
-        try:
-            with torch.no_grad():
+        try:  # normal tensors even when called under inference_mode (the packed-GEMM cache needs versions)
+            with torch.inference_mode(False), torch.no_grad():
                 return cls(model).to(next(model.parameters()).device)
         finally:
             model.train(was_training)
@@ -72,6 +72,10 @@ class FusedLDDETR(FusedModule):
     def to_dtype(self, dtype: torch.dtype) -> "FusedLDDETR":
         """Store every weight in ``dtype`` (float32, bfloat16 or float16) except the fp32 constants each
         module lists in ``keep_fp32`` (reference-point constants, sine frequencies, the position table)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._to_dtype(dtype)
+
+    def _to_dtype(self, dtype: torch.dtype) -> "FusedLDDETR":
         for m in self.modules():
             keep = getattr(m, "keep_fp32", ())
             for name, buf in list(m.named_buffers(recurse=False)):

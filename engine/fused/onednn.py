@@ -15,7 +15,8 @@ user lowers it). So, for a weight on the CPU under no-grad, outside ``torch.comp
     linear_add(other, x, w, bias=None)  # other + x @ w^T (+ bias)  (the residuals; addmm otherwise)
 
 Each packed copy is made on first use and cached per weight tensor (keyed by identity and ``_version``, so
-an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does). Disable with
+an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does; a weight
+made under ``torch.inference_mode`` has no version counter and takes the plain path). Disable with
 ``set_packing(False)`` (or ``LDDETR_ONEDNN=0``); any failure to pack turns packing off with one warning.
 """
 
@@ -70,6 +71,7 @@ def _eligible(x: Tensor, w: Tensor) -> bool:
     return (w.dtype in PACK_DTYPES and x.dtype == w.dtype
             and (w.dtype != torch.float32 or w.numel() > FP32_MIN_PACKED) and x.device.type == "cpu" and w.dim() == 2
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and not w.is_inference()  # no version counter: an in-place write could not be seen
             and not is_tracing() and packing_enabled(w.dtype))
 
 
