@@ -68,11 +68,13 @@ def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def _eligible(x: Tensor, w: Tensor) -> bool:
+    if is_tracing():  # first: dynamo cannot trace is_inference()
+        return False
     return (w.dtype in PACK_DTYPES and x.dtype == w.dtype
             and (w.dtype != torch.float32 or w.numel() > FP32_MIN_PACKED) and x.device.type == "cpu" and w.dim() == 2
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and not w.is_inference()  # no version counter: an in-place write could not be seen
-            and not is_tracing() and packing_enabled(w.dtype))
+            and packing_enabled(w.dtype))
 
 
 def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
