@@ -7,6 +7,8 @@
   (inference; training uses torch ops).
 * ``queue_loss`` — Distill Align's soft-target cross-entropy against [momentum batch | queue], streaming the
   queue once (online log-sum-exp), with a recomputing backward; plus the plain queue similarity.
+* ``onednn`` — CPU GEMMs on oneDNN-prepacked weights with ReLU / residual-add epilogues (no Triton: the fused
+  inference model's linears and the GRU op's input projection on the CPU).
 * ``gru_sequence`` — the highlight head's ``nn.GRU`` as one differentiable custom op while ``torch.compile``
   traces (no unrolled time loop, no recompile per length); eager calls stay ``nn.GRU``.
 

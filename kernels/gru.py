@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ._utils import BACKENDS, KernelInputError, check_tensor, resolve_backend
+from .onednn import linear
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -93,9 +94,10 @@ def check_steps_values(steps: Tensor, length: int) -> list[int]:
 # torch path
 # --------------------------------------------------------------------------------------------------------
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
-    """gi = x W_ih^T + b_ih for all steps in one GEMM: x (B, L, D) -> (B, L, 3H) in x's dtype."""
+    """gi = x W_ih^T + b_ih for all steps in one GEMM: x (B, L, D) -> (B, L, 3H) in x's dtype (on the CPU a
+    oneDNN GEMM on W_ih packed once, :mod:`kernels.onednn`, where that applies; else one ``addmm``)."""
     b, l, d = x.shape
-    return torch.addmm(b_ih, x.reshape(b * l, d), w_ih.t()).view(b, l, -1)
+    return linear(x.reshape(b * l, d), w_ih, b_ih).view(b, l, -1)
 
 
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int]) -> Tensor:

@@ -1,4 +1,4 @@
-"""engine/fused/onednn.py: GEMMs with oneDNN-prepacked weights on the CPU — the same numbers as the plain
+"""kernels/onednn.py: GEMMs with oneDNN-prepacked weights on the CPU — the same numbers as the plain
 GEMMs (to half-precision rounding; fp32 to fp32 rounding), used where they apply and never where they do not
 (small fp32 weights, grad, a weight written in place or replaced)."""
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import randomize_bn_stats_, random_batch, rel
 from engine.fused import FusedLDDETR
-from engine.fused import onednn
+from kernels import onednn
 from reference import LDDETR
 
 pytestmark = pytest.mark.skipif(not onednn.packing_enabled(), reason="this torch build has no oneDNN bf16 GEMMs")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import is_tracing, linear, linear_add
+from kernels.onednn import is_tracing, linear, linear_add
 
 
 def f64(t: Tensor | None) -> Tensor | None:

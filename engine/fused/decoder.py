@@ -49,7 +49,7 @@ from reference.decoder import LoopDecoder
 from reference.position_encoding import anchor_sine_embed
 from reference.span_utils import inverse_sigmoid
 
-from .onednn import linear
+from kernels.onednn import linear
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm,
                      merge_heads, residual, rows, wb, use_bmm_attention)
 from .positions import anchor_sine, anchor_sine_constants

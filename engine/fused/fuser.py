@@ -35,7 +35,7 @@ from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
 from reference.unimodal_encoder import UnimodalEncoder
 from reference.v2t_extractor import V2TExtractor
 
-from .onednn import addmm_t, linear, linear_add
+from kernels.onednn import addmm_t, linear, linear_add
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
                      residual, rows, wb)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from reference.heads import HighlightDetectionHead, MomentRetrievalHead
 
-from .onednn import linear
+from kernels.onednn import linear
 from .common import FusedModule, f64, rows, wb
 
 from kernels.gru import gru_last_state  # the GRU as one custom op (a persistent Triton kernel on CUDA)

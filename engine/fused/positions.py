@@ -23,7 +23,7 @@ from torch import Tensor
 from reference.position_encoding import PositionEmbeddingSine
 
 from .common import FusedModule
-from .onednn import is_tracing as _is_tracing
+from kernels.onednn import is_tracing as _is_tracing
 
 MAX_TABLE_CLIPS = 512  # 513 x 512 x 256 fp32 = 257 MiB: uncapped presets fall back to the formula beyond
 UNCAPPED_START = 128

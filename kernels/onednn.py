@@ -1,4 +1,5 @@
-"""GEMMs on the CPU with oneDNN-prepacked weights (the fused model's linears).
+"""GEMMs on the CPU with oneDNN-prepacked weights (the fused inference model's linears, the GRU op's input
+projection).
 
 At this model's sizes (10-2400 rows, 256-2818 wide) a plain bf16 ``F.linear`` on the CPU re-lays out the
 weight for oneDNN's AMX/AVX-512 kernels on every call and is barely faster than fp32; with the weight
