@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import os
 from pathlib import Path
 
@@ -94,7 +95,6 @@ class OpCounter(TorchDispatchMode):
 
 
 # ---- output comparison shared by the fused-model and engine tests -------------------------------------
-KEYS = ("pred_logits", "pred_spans")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,13 +108,15 @@ def top1(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1)[..., 0].argmax(1)
 
 
-def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
-    """Each output within ``tol`` (relative Frobenius); saliency on the valid clips of the samples where both
-    pick the same top-1 window (error relative to the whole valid output). Returns the number of flipped samples (as ``export --verify`` reports)."""
-    for key in KEYS:
+def output_errors(ref: dict, out: dict, vmask: torch.Tensor) -> tuple[dict, int]:
+    """Per output, the relative Frobenius error of ``out`` against ``ref``; saliency on the valid clips of the
+    samples where both pick the same top-1 window (error relative to the whole valid output). Asserts that no
+    decisive top-1 pick flipped; returns (errors, number of flipped samples)."""
+    errors = {}
+    for key in ("pred_logits", "pred_spans"):
         assert out[key].shape == ref[key].shape, key
-        err = rel(out[key], ref[key])
-        assert err <= tol, f"{key}: relative error {err:.2e} > {tol:.0e}"
+        errors[key] = rel(out[key], ref[key])
+    assert out["saliency_scores"].shape == ref["saliency_scores"].shape
     same = top1(out["pred_logits"]) == top1(ref["pred_logits"])
     p = ref["pred_logits"].double().softmax(-1)[..., 0].topk(min(2, ref["pred_logits"].shape[1]), dim=1).values
     decisive = p[:, 0] - p[:, -1] > 1e-4  # a top-1 pick that fp32 rounding cannot flip
@@ -122,13 +124,43 @@ def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
     keep = vmask.bool() & same[:, None]
     if not keep.any():  # every sample a near-tie (e.g. T=1: all queries see the same single clip)
         assert not decisive.any()
-        return int((~same).sum())
-    # error on the compared clips, relative to the norm of the whole valid output (a near-zero subset alone
-    # would turn fp32 rounding of its non-zero terms into a large relative error)
-    s_out, s_ref = out["saliency_scores"].double(), ref["saliency_scores"].double()
-    err = ((s_out - s_ref)[keep].norm() / s_ref[vmask.bool()].norm().clamp_min(1e-30)).item()
-    assert err <= tol, f"saliency_scores: relative error {err:.2e} > {tol:.0e}"
-    return int((~same).sum())
+        errors["saliency_scores"] = 0.0
+    else:  # error on the compared clips, relative to the norm of the whole valid output (a near-zero subset
+        # alone would turn fp32 rounding of its non-zero terms into a large relative error)
+        s_out, s_ref = out["saliency_scores"].double(), ref["saliency_scores"].double()
+        errors["saliency_scores"] = ((s_out - s_ref)[keep].norm() / s_ref[vmask.bool()].norm().clamp_min(1e-30)).item()
+    return errors, int((~same).sum())
+
+
+def compare(ref: dict, out: dict, vmask: torch.Tensor, tol: float) -> int:
+    """Each output within ``tol`` of ``ref`` (see :func:`output_errors`). Returns the number of flipped samples
+    (as ``export --verify`` reports)."""
+    errors, flips = output_errors(ref, out, vmask)
+    for key, err in errors.items():
+        assert err <= tol, f"{key}: relative error {err:.2e} > {tol:.0e}"
+    return flips
+
+
+def compare_to_reference(model, batch, ref: dict, out: dict, tol: float) -> int:
+    """:func:`compare` against the fp32 reference ``ref = model(*batch)``; where an output is ill-conditioned
+    (e.g. a near-zero saliency vector) the fp32 reference's own rounding error can exceed ``tol``: then the
+    candidate must be as close to a float64 run of the reference as the fp32 reference is (within 2x, and
+    ``tol`` always allowed). A real error still fails: the fp32 reference is accurate wherever it agrees
+    with float64 to ``tol``."""
+    errors, flips = output_errors(ref, out, batch[1])
+    if all(err <= tol for err in errors.values()):
+        return flips
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref64 = m64(*[t.double() if t.is_floating_point() else t for t in batch])
+    own, _ = output_errors(ref64, ref, batch[1])  # the fp32 reference's own error
+    ours, flips = output_errors(ref64, out, batch[1])
+    for key, err in ours.items():
+        if errors[key] > tol:
+            bound = max(tol, 2 * own[key])
+            assert err <= bound, (f"{key}: relative error {errors[key]:.2e} vs the fp32 reference, {err:.2e} vs "
+                                  f"float64 > {bound:.1e} (the fp32 reference's own error: {own[key]:.2e})")
+    return flips
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compare, random_batch, randomize_bn_stats_, rel
+from conftest import compare, compare_to_reference, random_batch, randomize_bn_stats_, rel
 from engine.fused import FusedLDDETR
 from engine.inference import Engine, build
 from engine.opcount import count_ops
@@ -28,7 +28,7 @@ def _assert_matches_reference(model, eng, batch, tol: float = 1e-5) -> tuple[dic
     with torch.no_grad():
         ref = model(*batch)
     out = eng(*batch)
-    compare(ref, out, batch[1], tol)
+    compare_to_reference(model, batch, ref, out, tol)
     return out, ref
 
 

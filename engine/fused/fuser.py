@@ -35,7 +35,7 @@ from reference.transformer import T2VEncoderLayer, TransformerEncoderLayer
 from reference.unimodal_encoder import UnimodalEncoder
 from reference.v2t_extractor import V2TExtractor
 
-from kernels.onednn import addmm_t, linear, linear_add
+from kernels.onednn import addmm_t, is_tracing as _is_tracing, linear, linear_add
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
                      residual, rows, wb)
 
@@ -241,7 +241,6 @@ class FusedConvBlocks(FusedModule):
 
     def _use_kernel(self, x: Tensor) -> bool:
         from kernels._utils import resolve_backend
-        from .positions import _is_tracing
 
         return not _is_tracing() and resolve_backend(self.kernel_backend, x.device) == "triton"
 
@@ -255,8 +254,6 @@ class FusedConvBlocks(FusedModule):
                       for i in range(self.n)]
             return residual_block_stack(x.contiguous(), vkeep.contiguous(), blocks, seq_first=False,
                                         precision=self.kernel_precision) * m
-        from .positions import _is_tracing
-
         padded = _is_tracing() or not bool(vkeep.all())  # eager CPU: a free read; traced graphs always mask
         for i in range(self.n):
             h = addmm_t(getattr(self, f"b1_{i}"), _shifted_rows(x), getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
@@ -274,6 +271,8 @@ def _shifted_rows(x: Tensor) -> Tensor:
     zero-padded (B, L + 2, d) tensor read with a stride of d, made contiguous (one copy)."""
     b, l, d = x.shape
     xp = F.pad(x, (0, 0, 1, 1))  # (B, L + 2, d) contiguous
+    if _is_tracing():  # exported / compiled graphs: three slices and a concat (ONNX turns as_strided into a Gather)
+        return torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], 2).reshape(b * l, 3 * d)
     return xp.as_strided((b, l, 3 * d), ((l + 2) * d, d, 1)).reshape(b * l, 3 * d).contiguous()
 
 
