@@ -5,7 +5,8 @@
     report.total, report.counts.most_common(10)
 
 Rules (issue #12): under ``torch.inference_mode``; view ops (an aten op whose output aliases its input
-without writing it: ``view``, ``transpose``, ``expand``, slicing, ``reshape``...) excluded; one op per
+without writing it: ``view``, ``transpose``, ``expand``, slicing, ``reshape``...) excluded — but an op that
+may alias and returned new memory (``reshape`` or ``contiguous`` of a non-viewable tensor: a copy) counts; one op per
 ``nn.GRU`` call (whatever it decomposes to) and one per GRU custom-op call. In-place ops count. The steady
 state is counted: ``fn`` runs once uncounted first, so one-time work of a first call (the fused model's
 weight packing, a position table growing) is not counted as part of every forward.
@@ -52,12 +53,20 @@ class _Counter(TorchDispatchMode):
         self.suppress = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if not self.suppress:
-            if is_view_op(func):
+            if is_view_op(func) and not _copied(args, out):
                 self.report.views += 1
             else:
                 self.report.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def _copied(args, out) -> bool:
+    """An op that may alias (``reshape``, ``contiguous``, ...) but returned new memory: a copy, counted as an op."""
+    if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False
+    return out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
 
 
 def count_ops(fn: Callable, *args, **kwargs) -> OpReport:

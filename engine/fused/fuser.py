@@ -220,7 +220,7 @@ class FusedConvBlocks(FusedModule):
     (B, L + 2, d) input overlap by d, so that matrix is one strided copy of it (no concatenation); the second
     conv's residual add and bias ride in its GEMM. The padded clips are zeroed after each conv (the
     reference zeroes them before each one; a valid clip next to the padding reads them) — two in-place
-    multiplies per block, skipped in eager mode when no clip is padded."""
+    multiplies per block (always: skipping them for unpadded batches would need a host read of the mask)."""
 
     replaces = "reference.conv_blocks.ConvolutionalBlocks"
     kernel_backend: str = "auto"
@@ -254,15 +254,11 @@ class FusedConvBlocks(FusedModule):
                       for i in range(self.n)]
             return residual_block_stack(x.contiguous(), vkeep.contiguous(), blocks, seq_first=False,
                                         precision=self.kernel_precision) * m
-        padded = _is_tracing() or not bool(vkeep.all())  # eager CPU: a free read; traced graphs always mask
         for i in range(self.n):
             h = addmm_t(getattr(self, f"b1_{i}"), _shifted_rows(x), getattr(self, f"w1_{i}"), relu=True).view(b, l, d)
-            if padded:
-                h = h.mul_(m)
+            h = h.mul_(m)
             x = linear_add(x.reshape(b * l, d), _shifted_rows(h), getattr(self, f"w2_{i}"), transposed=True,
-                           bias=getattr(self, f"b2_{i}")).view(b, l, d).relu_()
-            if padded:
-                x = x.mul_(m)
+                           bias=getattr(self, f"b2_{i}")).view(b, l, d).relu_().mul_(m)
         return x
 
 
