@@ -211,9 +211,10 @@ def _deprecated(old: str, new: str) -> None:
 
 def compile_options(device: torch.device, backend: str, mode: str | None) -> dict:
     """``torch.compile`` keyword arguments for the whole fused forward. On the CPU, inductor with
-    ``freezing``: the weights become constants, so linears run as prepacked oneDNN GEMMs with their
-    epilogues fused (2 CPU threads, B=1 fp32: 2.40x the reference against 1.63x eager,
-    bench/results/cpu-2t_20261203_d94caeb.json) — a mode
+    ``freezing``: the weights become constants, so linears run as prepacked GEMMs with their epilogues
+    fused (2 CPU threads, B=1 fp32: 2.40x the reference against 1.63x eager on a Xeon with AMX,
+    bench/results/cpu-2t_20261203_d94caeb.json; on an AMD EPYC no faster than eager, 1.55x vs 1.63x, since
+    inductor keeps MKL for fp32 GEMMs there, bench/results/cpu-2t_20261204_aeb0471.json) — a mode
     given by the caller wins (torch.compile takes a mode or options, not both)."""
     if mode is None and backend == "inductor" and device.type == "cpu":
         return {"options": {"freezing": True}}
