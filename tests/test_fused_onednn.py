@@ -115,3 +115,17 @@ def test_built_under_inference_mode_still_packs(fresh_seed, small_cfg):
     with torch.no_grad():
         again = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)(*batch)
     assert torch.equal(out["pred_spans"], again["pred_spans"])
+
+
+def test_fused_fp32_runs_packed_gemms_for_large_weights(fresh_seed, small_cfg):
+    """The fp32 fused model packs exactly its weights above FP32_MIN_PACKED (the attention/FFN and conv GEMMs)
+    and leaves the small ones (e.g. the decoder's 2-wide box heads) on MKL."""
+    model = randomize_bn_stats_(LDDETR(small_cfg).eval())
+    fused = FusedLDDETR.from_reference(model)
+    with torch.inference_mode():
+        fused(*random_batch(small_cfg, [75, 40], [9, 5]))
+    packed_ids = {key[0] for key in onednn._cache}
+    weights = [b for b in fused.buffers() if b.dim() == 2 and b.dtype == torch.float32]
+    large = {id(w) for w in weights if w.numel() > onednn.FP32_MIN_PACKED}
+    assert not packed_ids & {id(w) for w in weights if w.numel() <= onednn.FP32_MIN_PACKED}
+    assert len(packed_ids & large) >= 10
