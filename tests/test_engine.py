@@ -89,8 +89,8 @@ def test_bf16_native(small_cfg):
 
 
 def test_no_host_sync_and_fewer_ops(small_cfg):
-    """No host read (aten._local_scalar_dense, bool(), .item(): a GPU->host sync) in the engine forward; BN folded (no batch_norm ops);
-    at most 0.5x the reference's ops — both counted by engine.opcount (inference mode, views excluded)."""
+    """No host read (aten._local_scalar_dense, bool(), .item(): a GPU->host sync) in the engine forward; BN
+    folded (no batch_norm ops); at most 0.5x the reference's ops — both counted by engine.opcount (inference mode, views excluded)."""
     model = _model(small_cfg)
     eng = build(model, device="cpu")
     batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
