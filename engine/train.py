@@ -24,6 +24,7 @@ failing evaluation is reported in one line after the epoch's ``latest.pt`` is wr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -422,6 +423,11 @@ def train(args: argparse.Namespace, stop_after_epoch: int | None = None) -> dict
             log.info(f"done: best {best_key} {state['best']} at epoch {state['best_epoch']}; checkpoint {out / 'best.pt'}")
         return summary
     finally:
+        # Free the DDP wrapper (and what holds it) before the process group goes: its C++ Reducer would
+        # otherwise drop the group's last reference while holding the GIL, and gloo's destructor then waits
+        # on a worker thread that needs the GIL to free a tensor — a hang at exit (pytorch/pytorch#56297).
+        run_model = step_fn = None  # noqa: F841
+        gc.collect()
         dist_utils.cleanup()
 
 
