@@ -72,19 +72,14 @@ class FusedLDDETR(FusedModule):
     def to_dtype(self, dtype: torch.dtype) -> "FusedLDDETR":
         """Store every weight in ``dtype`` (float32, bfloat16 or float16) except the fp32 constants each
         module lists in ``keep_fp32`` (reference-point constants, sine frequencies, the position table)."""
-        with torch.inference_mode(False), torch.no_grad():
-            return self._to_dtype(dtype)
-
-    def _to_dtype(self, dtype: torch.dtype) -> "FusedLDDETR":
-        for m in self.modules():
-            keep = getattr(m, "keep_fp32", ())
-            for name, buf in list(m.named_buffers(recurse=False)):
-                if buf.is_floating_point() and name not in keep and name != "table":
-                    setattr(m, name, buf.to(dtype))
-            for p in m.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-            if hasattr(m, "after_dtype"):
-                m.after_dtype(dtype)
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors (see from_reference)
+            for m in self.modules():
+                keep = getattr(m, "keep_fp32", ())
+                for name, buf in list(m.named_buffers(recurse=False)):
+                    if buf.is_floating_point() and name not in keep and name != "table":
+                        setattr(m, name, buf.to(dtype))
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
         self.dtype = dtype
         return self
 
