@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -19,6 +21,40 @@ ENV_BACKEND = "LDDETR_KERNELS"
 
 class KernelInputError(ValueError):
     """An input the Triton kernels cannot take (wrong dtype, layout, size or device)."""
+
+
+_derived: dict[tuple[int, Hashable], tuple[weakref.ref, int, Any]] = {}
+
+
+def derived(w: Tensor, tag: Hashable, make: Callable[[Tensor], Any]) -> Any:
+    """``make(w)`` (a re-laid-out copy of a weight: oneDNN-packed, transposed, split in blocks; or a value
+    read from it), computed once
+    per (tensor, ``tag``) and cached while ``w`` lives unmodified: keyed by identity and ``_version``, so an
+    in-place write or a new tensor after ``.to()`` makes it again, and the entry goes when the tensor does.
+    A tensor made under ``torch.inference_mode`` has no version counter: ``make(w)`` every call. Eager only
+    (not inside torch.compile / export tracing)."""
+    if w.is_inference():
+        return make(w)
+    key = (id(w), tag)
+    hit = _derived.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    out = make(w)
+    if hit is None:
+        weakref.finalize(w, _derived.pop, key, None)
+    _derived[key] = (weakref.ref(w), w._version, out)
+    return out
+
+
+def derived_keys(tag_prefix: str) -> list[tuple[int, tuple]]:
+    """(id of the source tensor, tag) of every cached :func:`derived` copy whose tag starts with ``tag_prefix``."""
+    return [k for k in _derived if isinstance(k[1], tuple) and k[1][:1] == (tag_prefix,)]
+
+
+def clear_derived(tag_prefix: str) -> None:
+    """Forget every cached :func:`derived` copy whose tag is a tuple starting with ``tag_prefix``."""
+    for key in derived_keys(tag_prefix):
+        _derived.pop(key, None)
 
 
 def interpreting() -> bool:

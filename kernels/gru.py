@@ -23,7 +23,8 @@ Backends (``backend`` = "auto" | "triton" | "torch"; "auto" is Triton on CUDA, t
 * "torch" — a loop over the steps with the samples sorted by length, so the active ones are a prefix and a
   finished sample leaves it (no work past its length, no (B, L, H) output, no gather):
   ``gru_recurrence_torch``, the input GEMM in the input dtype and the state and gates in fp32, five ops per
-  step into buffers allocated once (``addmm`` for W_hh with b_hh folded in, sigmoid_, addcmul, tanh_, lerp).
+  step into buffers allocated once (``addmm`` for W_hh with b_hh folded in — ``baddbmm`` over the three gate
+  blocks while one sample is active — sigmoid_, addcmul, tanh_, lerp).
   It beats aten's packed-sequence GRU (~20 dispatched ops per step) on CPU, and aten's half GRU would keep
   h and the gates in half precision.
 * "triton" — ``kernels/gru_triton.py``: one persistent launch for all steps (W_hh split across programs,
@@ -44,7 +45,7 @@ import bisect
 import torch
 from torch import Tensor
 
-from ._utils import BACKENDS, KernelInputError, check_tensor, resolve_backend
+from ._utils import BACKENDS, KernelInputError, check_tensor, derived, resolve_backend
 from .onednn import linear
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,6 +101,27 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:
     return linear(x.reshape(b * l, d), w_ih, b_ih).view(b, l, -1)
 
 
+def _segments(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """[(k, t0, t1)]: at steps t0 <= t < t1 (t >= 1) exactly the first k samples are active (lengths[b] > t),
+    for lengths sorted descending."""
+    neg = [-m for m in lengths]  # ascending, for bisect: k_t = #{b: lengths[b] > t} = bisect_left(neg, -t)
+    out, t0 = [], 1
+    while t0 < lengths[0]:
+        k = bisect.bisect_left(neg, -t0)
+        out.append((k, t0, lengths[k - 1]))  # all k stay active until the shortest of them ends
+        t0 = lengths[k - 1]
+    return out
+
+
+def _w_t(w: Tensor) -> Tensor:  # (3H, H) -> W_hh^T (H, 3H) contiguous fp32: MKL's GEMM is faster on it than on a view
+    return w.float().t().contiguous()
+
+
+def _w_blocks(w: Tensor) -> Tensor:  # (3H, H) -> (3, H, H), block g = W_g^T (gate g's rows), contiguous fp32
+    h = w.shape[1]
+    return w.float().view(3, h, h).transpose(1, 2).contiguous()
+
+
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int]) -> Tensor:
     """The recurrence from h0 = 0 with torch ops. gi (B, L, 3H) with rows sorted by ``lengths`` descending
     (lengths[b] in [1, L]) -> fp32 (B, H): row b's state after lengths[b] steps.
@@ -108,7 +130,10 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
     b_hh's r/z part is added to gi once, so ``addmm(D_t, h, W_hh^T)`` with ``D_t = [gi_rz + b_hh_rz | b_hh_n]``
     gives the r/z pre-activations and ``gh_n = h W_n^T + b_hh_n`` together; then ``sigmoid_``, ``addcmul``
     (gi_n + r * gh_n), ``tanh_`` and ``lerp`` (n + z (h - n)). The active samples at step t are a prefix
-    (k_t = #{b: lengths[b] > t}); a finished sample's state leaves the prefix and is kept as it is.
+    (k_t = #{b: lengths[b] > t}); a finished sample's state leaves the prefix and is kept as it is. While a
+    single sample is active (B = 1, or the longest one's tail) the W_hh product is one ``baddbmm`` over the
+    three gate blocks instead of the ``addmm``: MKL's 1-row GEMM is ~25% slower (2 threads, H = 256). The
+    re-laid-out W_hh copies are made once per weight (:func:`kernels._utils.derived`).
     """
     b, _, three_h = gi.shape
     hid = three_h // 3
@@ -116,28 +141,36 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
     g = gi[:, :t_max].float()  # (B, T, 3H) fp32
     b_h = b_hh.float()
     d = torch.cat([g[..., : 2 * hid] + b_h[: 2 * hid], b_h[2 * hid:].expand(b, t_max, hid)], 2)  # (B, T, 3H)
-    d_steps, gn_steps = d.unbind(1), g[..., 2 * hid:].unbind(1)  # per-step (B, 3H) / (B, H) views
-    w_t = w_hh.float().t()  # (H, 3H) transposed view: addmm reads it as W_hh^T without a copy
+    gn = g[..., 2 * hid:]  # (B, T, H)
     # step 0 from h0 = 0: the pre-activations are D_0 itself
-    rz = torch.sigmoid(d_steps[0][:, : 2 * hid])
-    n = torch.tanh_(torch.addcmul(gn_steps[0], rz[:, :hid], d_steps[0][:, 2 * hid:]))
+    rz = torch.sigmoid(d[:, 0, : 2 * hid])
+    n = torch.tanh_(torch.addcmul(gn[:, 0], rz[:, :hid], d[:, 0, 2 * hid:]))
     h = torch.addcmul(n, rz[:, hid:], n, value=-1)  # (B, H): n + z * (0 - n)
-    a = torch.empty_like(d_steps[0])  # (B, 3H) per-step pre-activations
-    neg = [-m for m in lengths]  # ascending, for bisect: k_t = #{b: lengths[b] > t} = bisect_left(neg, -t)
+    a = torch.empty_like(d[:, 0])  # (B, 3H) per-step pre-activations [pre_r | pre_z | gh_n]
     done: list[Tensor] = []  # finished tails, shortest first
-    k = b
-    views = (a, a[:, : 2 * hid], a[:, :hid], a[:, hid: 2 * hid], a[:, 2 * hid:], n)
-    for t in range(1, t_max):
-        kt = bisect.bisect_left(neg, -t)
-        if kt < k:  # samples kt.. are done: keep their state, shrink every buffer to the active prefix
-            done.append(h[kt:])
-            h, k = h[:kt].clone(), kt
-            views = tuple(v[:k] for v in views)
-        a_k, a_rz, a_r, a_z, a_n, n_k = views
-        torch.addmm(d_steps[t][:k], h, w_t, out=a_k)  # [pre_r | pre_z | gh_n]
-        a_rz.sigmoid_()
-        torch.addcmul(gn_steps[t][:k], a_r, a_n, out=n_k).tanh_()
-        torch.lerp(n_k, h, a_z, out=h)  # n + z * (h - n), in place
+    addmm, baddbmm, addcmul, lerp = torch.addmm, torch.baddbmm, torch.addcmul, torch.lerp
+    for k, t0, t1 in _segments(lengths):
+        if k < h.shape[0]:  # samples k.. are done: keep their state, shrink every buffer to the active prefix
+            done.append(h[k:])
+            h = h[:k].clone()
+        a_k, n_k = a[:k], n[:k]
+        a_rz, a_r, a_z, a_n = a_k[:, : 2 * hid], a_k[:, :hid], a_k[:, hid: 2 * hid], a_k[:, 2 * hid:]
+        gn_steps = gn[:k, t0:t1].unbind(1)  # per-step (k, H) views
+        if k == 1:  # one row: the three gate blocks as one batched GEMV, (3, 1, H) views of a and h
+            w_blocks = derived(w_hh, "gru_w_blocks", _w_blocks)
+            a3, h3 = a_k.view(3, 1, hid), h.expand(3, 1, hid)
+            for d_t, gn_t in zip(d[0, t0:t1].view(t1 - t0, 3, 1, hid).unbind(0), gn_steps):
+                baddbmm(d_t, h3, w_blocks, out=a3)
+                a_rz.sigmoid_()
+                addcmul(gn_t, a_r, a_n, out=n_k).tanh_()
+                lerp(n_k, h, a_z, out=h)  # n + z * (h - n), in place
+        else:
+            w_t = derived(w_hh, "gru_w_t", _w_t)
+            for d_t, gn_t in zip(d[:k, t0:t1].unbind(1), gn_steps):
+                addmm(d_t, h, w_t, out=a_k)
+                a_rz.sigmoid_()
+                addcmul(gn_t, a_r, a_n, out=n_k).tanh_()
+                lerp(n_k, h, a_z, out=h)
     done.append(h)
     return done[0] if len(done) == 1 else torch.cat(done[::-1])
 

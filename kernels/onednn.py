@@ -11,9 +11,10 @@ beats MKL's ``addmm`` by 10-45% once the weight is larger than 256 x 256 (2 thre
 MKL. Both are IEEE fp32 (oneDNN honours ``torch.backends.mkldnn.matmul.fp32_precision``, "ieee" unless the
 user lowers it). So, for a weight on the CPU under no-grad, outside ``torch.compile``/export tracing:
 
-    linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise)
+    linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise; prelu=a: PReLU)
     addmm_t(bias, x, wt)          # x @ wt + bias, wt = W^T     (the conv blocks' (K, N) weights)
     linear_add(other, x, w, bias=None)  # other + x @ w^T (+ bias)  (the residuals; addmm otherwise)
+    conv3(x, wt, bias, residual=None)   # relu(conv1d k=3 (+ residual)) as one oneDNN convolution (or None)
 
 Each packed copy is made on first use and cached per weight tensor (keyed by identity and ``_version``, so
 an in-place write or a new buffer after ``.to()`` re-packs; the entry goes when the tensor does; a weight
@@ -25,15 +26,15 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._utils import clear_derived, derived, derived_keys
+
 PACK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP32_MIN_PACKED = 256 * 256  # fp32 weights with more elements than this take oneDNN (see above)
-_cache: dict[tuple[int, bool], tuple[weakref.ref, int, Tensor]] = {}
 _state = {"enabled": os.environ.get("LDDETR_ONEDNN", "1") not in ("0", ""), "checked": False}
 
 
@@ -46,7 +47,7 @@ def is_tracing() -> bool:
 def set_packing(enabled: bool) -> None:
     """Turn the prepacked oneDNN path on or off (process-wide; the default is on where oneDNN supports it)."""
     _state["enabled"], _state["checked"] = bool(enabled), False
-    _cache.clear()
+    clear_derived("onednn")
 
 
 def _supported(dtype: torch.dtype) -> bool:
@@ -78,32 +79,41 @@ def _eligible(x: Tensor, w: Tensor) -> bool:
             and packing_enabled(w.dtype))
 
 
+def packed_ids() -> list[tuple[int, bool]]:
+    """(id of the weight, transposed) for every weight packed so far and still alive (introspection, tests)."""
+    return [(i, tag[1]) for i, tag in derived_keys("onednn")]
+
+
+def _reorder(w: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+
 def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
     """The oneDNN-reordered copy of W (``transposed``: of ``w.t()``, for weights stored as W^T), or None if
-    packing failed (then it is off for the process)."""
-    key = (id(w), transposed)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
+    packing failed (then it is off for the process). Cached per weight (:func:`kernels._utils.derived`)."""
     try:
-        p = torch.ops.mkldnn._reorder_linear_weight((w.t() if transposed else w).contiguous(), None)
+        return derived(w, ("onednn", transposed), lambda t: _reorder(t.t() if transposed else t))
     except Exception as e:  # an unsupported dtype / build: plain GEMMs from now on
         warnings.warn(f"oneDNN weight packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
         _state["enabled"] = False
         return None
-    if hit is None:
-        weakref.finalize(w, _cache.pop, key, None)
-    _cache[key] = (weakref.ref(w), w._version, p)
-    return p
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``F.linear(x, w, b)`` (then ReLU): x (..., K), w (N, K) -> (..., N)."""
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
+           prelu: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w, b)``, then ReLU (``relu``) or PReLU (``prelu``: its weight): x (..., K), w (N, K) ->
+    (..., N). A one-parameter PReLU is oneDNN's ``leaky_relu`` epilogue (the same values: x if x > 0 else a x)."""
     if _eligible(x, w):
         p = packed(w)
         if p is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, p, b, "relu" if relu else "none", [], "")
+            if prelu is not None and prelu.numel() == 1:  # its value read once (derived: no .item() per call)
+                alpha = derived(prelu, ("prelu_alpha",), lambda t: t.item())
+                return torch.ops.mkldnn._linear_pointwise(x, p, b, "leaky_relu", [alpha], "")
+            y = torch.ops.mkldnn._linear_pointwise(x, p, b, "relu" if relu else "none", [], "")
+            return y if prelu is None else F.prelu(y, prelu)
     y = F.linear(x, w, b)
+    if prelu is not None:
+        return F.prelu(y, prelu)
     return y.relu_() if relu else y
 
 
@@ -130,3 +140,35 @@ def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False, bi
     if bias is not None:
         y = y.add_(bias)
     return y.view(*x.shape[:-1], n)
+
+
+def _conv3_weight(wt: Tensor) -> Tensor:
+    """(3 C_in, C_out) GEMM matrix, row k C_in + c = W[o, c, k] -> the oneDNN-reordered (C_out, C_in, 1, 3) kernel."""
+    c_in = wt.shape[0] // 3
+    w4 = wt.view(3, c_in, wt.shape[1]).permute(2, 1, 0)[:, :, None, :].contiguous()
+    return torch.ops.mkldnn._reorder_convolution_weight(w4, [0, 1], [1, 1], [1, 1], 1, None)
+
+
+def conv3(x: Tensor, wt: Tensor, bias: Tensor, residual: Tensor | None = None) -> Tensor | None:
+    """``relu(conv1d(x, W, bias, padding=1) (+ residual))`` over batch-first activations as ONE oneDNN
+    convolution on the prepacked kernel (ReLU and the residual add in its epilogue), or None where the packed
+    path does not apply (then the caller runs its GEMM). x (B, L, C_in), residual (B, L, C_out); the k=3
+    weight stored as the (3 C_in, C_out) GEMM matrix over ``[x_{t-1} | x_t | x_{t+1}]`` (row k C_in + c =
+    W[o, c, k]). (B, L, C) contiguous is (B, C, 1, L) channels-last, the layout oneDNN reads and writes
+    without a copy, so this replaces the GEMM path's strided copy of the shifted inputs as well."""
+    if not _eligible(x, wt):
+        return None
+    try:
+        w = derived(wt, ("onednn", "conv3"), _conv3_weight)
+    except Exception as e:  # an unsupported build: plain GEMMs from now on
+        warnings.warn(f"oneDNN convolution packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
+        _state["enabled"] = False
+        return None
+    x4 = x.contiguous().transpose(1, 2)[:, :, None, :]  # (B, C_in, 1, L) channels-last view
+    geometry = ([0, 1], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups
+    if residual is None:
+        y = torch.ops.mkldnn._convolution_pointwise(x4, w, bias, *geometry, "relu", [], "")
+    else:
+        r4 = residual.contiguous().transpose(1, 2)[:, :, None, :]
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x4, r4, w, bias, *geometry, "add", None, "relu", [], "")
+    return y[:, :, 0, :].transpose(1, 2)  # (B, L, C_out), contiguous

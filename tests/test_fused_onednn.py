@@ -40,7 +40,7 @@ def test_ops_match_plain_gemms(fresh_seed, dtype):
         assert rel(onednn.addmm_t(b, x2, wt, relu=True), plain.reshape(21, 24).relu()) < 1e-2
         assert rel(onednn.linear_add(other.reshape(21, 24), x2, wt, transposed=True),
                    other.reshape(21, 24).float() + x2.float() @ wt.float()) < 1e-2
-    assert len(onednn._cache) == 2  # w, and wt transposed: packed once each
+    assert len(onednn.packed_ids()) == 2  # w, and wt transposed: packed once each
 
 
 def test_fp32_packs_only_large_weights_and_matches_ieee_gemms(fresh_seed):
@@ -53,12 +53,17 @@ def test_fp32_packs_only_large_weights_and_matches_ieee_gemms(fresh_seed):
     with torch.no_grad():
         y = onednn.linear(x, w, b)
         y_add = onednn.linear_add(other, x, w, bias=b)
-        assert len(onednn._cache) == 1
+        a = torch.empty(1).uniform_(0.1, 0.9)  # a one-parameter PReLU: oneDNN's leaky_relu epilogue
+        a_n = torch.empty(n).uniform_(0.1, 0.9)  # per-channel: the plain F.prelu after the packed GEMM
+        y_prelu, y_prelu_n = onednn.linear(x, w, b, prelu=a), onednn.linear(x.reshape(33, k), w, b, prelu=a_n)
+        assert len(onednn.packed_ids()) == 1
+        assert rel(y_prelu, F.prelu(exact, a.double())) < 1e-6
+        assert rel(y_prelu_n, F.prelu(exact.reshape(33, n), a_n.double())) < 1e-6
         assert rel(y, exact) < 1e-6 and rel(F.linear(x, w, b), exact) < 1e-6
         assert rel(y_add, other.double() + exact) < 1e-6
         small = torch.randn(16, k)
         onednn.linear(x, small)
-    assert len(onednn._cache) == 1  # the small weight took the plain path
+    assert len(onednn.packed_ids()) == 1  # the small weight took the plain path
 
 
 def test_repacks_after_an_in_place_write_and_never_packs_small_fp32_or_grad(fresh_seed):
@@ -67,12 +72,12 @@ def test_repacks_after_an_in_place_write_and_never_packs_small_fp32_or_grad(fres
         first = onednn.linear(x, w)
         w.mul_(2)  # e.g. load_state_dict into the fused model
         assert rel(onednn.linear(x, w), 2 * first.float()) < 1e-2  # the stale pack is not used
-        onednn._cache.clear()
+        onednn.set_packing(True)  # forgets the packs
         onednn.linear(x.float(), w.float())
-    assert not onednn._cache  # a small fp32 weight takes the plain path
+    assert not onednn.packed_ids()  # a small fp32 weight takes the plain path
     wg = w.float().bfloat16().requires_grad_()
     y = onednn.linear(x, wg)  # grad mode with a weight that requires grad: plain F.linear (differentiable)
-    assert y.requires_grad and not onednn._cache
+    assert y.requires_grad and not onednn.packed_ids()
 
 
 def test_fused_bf16_packed_as_accurate_as_plain(fresh_seed, small_cfg):
@@ -94,10 +99,10 @@ def test_fused_bf16_packed_as_accurate_as_plain(fresh_seed, small_cfg):
         onednn.set_packing(False)
         ref = exact(*batch)
         plain = fused(*batch)
-        assert not onednn._cache
+        assert not onednn.packed_ids()
         onednn.set_packing(True)
         packed = fused(*batch)
-    assert len(onednn._cache) > 20
+    assert len(onednn.packed_ids()) > 20
     keep = batch[1]
     for key, tol in [("pred_spans", 1e-2), ("pred_logits", 2e-2), ("saliency_scores", 2e-2)]:
         pick = (lambda t: t.float()[keep]) if key == "saliency_scores" else (lambda t: t.float())
@@ -114,10 +119,10 @@ def test_built_under_inference_mode_still_packs(fresh_seed, small_cfg):
     with torch.inference_mode():
         fused = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)
         out = fused(*batch)
-        assert len(onednn._cache) > 20
+        assert len(onednn.packed_ids()) > 20
         x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16).bfloat16()  # inference tensors
-        before = len(onednn._cache)
-        assert rel(onednn.linear(x, w), F.linear(x.float(), w.float())) < 1e-2 and len(onednn._cache) == before
+        before = len(onednn.packed_ids())
+        assert rel(onednn.linear(x, w), F.linear(x.float(), w.float())) < 1e-2 and len(onednn.packed_ids()) == before
     assert not any(b.is_inference() for b in fused.buffers())
     with torch.no_grad():
         again = FusedLDDETR.from_reference(model).to_dtype(torch.bfloat16)(*batch)
@@ -131,8 +136,30 @@ def test_fused_fp32_runs_packed_gemms_for_large_weights(fresh_seed, small_cfg):
     fused = FusedLDDETR.from_reference(model)
     with torch.inference_mode():
         fused(*random_batch(small_cfg, [75, 40], [9, 5]))
-    packed_ids = {key[0] for key in onednn._cache}
+    packed_ids = {key[0] for key in onednn.packed_ids()}
     weights = [b for b in fused.buffers() if b.dim() == 2 and b.dtype == torch.float32]
     large = {id(w) for w in weights if w.numel() > onednn.FP32_MIN_PACKED}
     assert not packed_ids & {id(w) for w in weights if w.numel() <= onednn.FP32_MIN_PACKED}
     assert len(packed_ids & large) >= 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv3_matches_conv1d(fresh_seed, dtype):
+    """onednn.conv3: relu(conv1d(x, W, b, padding=1) (+ residual)) over (B, L, C) activations at odd sizes
+    (L = 1, 2, 37) against float64 conv1d; small fp32 weights return None (the GEMM path)."""
+    c_in, c_out = 160, 152  # 3 * 160 * 152 > FP32_MIN_PACKED
+    w = torch.randn(c_out, c_in, 3, dtype=torch.float64) / (3 * c_in) ** 0.5
+    b = torch.randn(c_out, dtype=torch.float64)
+    wt = w.permute(2, 1, 0).reshape(3 * c_in, c_out)  # the fused conv blocks' (3 C_in, C_out) layout
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for bsz, length in [(1, 37), (3, 2), (2, 1)]:
+        x, r = torch.randn(bsz, length, c_in, dtype=torch.float64), torch.randn(bsz, length, c_out, dtype=torch.float64)
+        conv = F.conv1d(x.transpose(1, 2), w, b, padding=1).transpose(1, 2)
+        with torch.no_grad():
+            y = onednn.conv3(x.to(dtype), wt.to(dtype), b.to(dtype))
+            y_res = onednn.conv3(x.to(dtype), wt.to(dtype), b.to(dtype), residual=r.to(dtype))
+        assert y.shape == (bsz, length, c_out) and y.is_contiguous() and y.dtype == dtype
+        assert rel(y, conv.relu()) < tol and rel(y_res, (conv + r).relu()) < tol
+    with torch.no_grad():
+        small = torch.randn(3 * 16, 16)
+        assert onednn.conv3(torch.randn(1, 5, 16), small, torch.randn(16)) is None

@@ -80,13 +80,15 @@ def test_torch_loop_matches_nn_gru(fresh_seed, b, length, d, padded):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_prefix_loop_fp32_matches_nn_gru(fresh_seed):
-    """The Python prefix loop (what fp16/bf16 run) in fp32, rows sorted by length as it expects."""
+@pytest.mark.parametrize("lengths", [[37, 37, 20, 9, 9, 1], [37, 20, 9, 1], [37, 36], [37], [1, 1]])
+def test_prefix_loop_fp32_matches_nn_gru(fresh_seed, lengths):
+    """The Python prefix loop in fp32, rows sorted by length as it expects: several samples active (addmm),
+    a single one (the batched per-gate GEMV: a tail of one, or B = 1), and the switch between them."""
     from kernels.gru import gru_recurrence_torch
 
     g = make_gru(40)
-    x = torch.randn(6, 37, 40, device=DEVICE)
-    steps = torch.tensor([37, 37, 20, 9, 9, 1], device=DEVICE)
+    x = torch.randn(len(lengths), 37, 40, device=DEVICE)
+    steps = torch.tensor(lengths, device=DEVICE)
     w_ih, w_hh, b_ih, b_hh = weights(g)
     with torch.no_grad():
         y = gru_recurrence_torch(input_projection(x, w_ih, b_ih), w_hh, b_hh, steps.tolist())

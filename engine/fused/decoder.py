@@ -42,7 +42,6 @@ import math
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reference.decoder import LoopDecoder
@@ -206,7 +205,7 @@ class FusedLoopDecoder(FusedModule):
         a = attention(q, key, value, vmask, (2 * self.hd) ** -0.5)  # (B, Q, d)
         t2 = layer_norm(residual(t1, a, getattr(self, f"cao{i}_w")),
                         (getattr(self, f"norm2_{i}_w"), getattr(self, f"norm2_{i}_b")), e2)
-        p = F.prelu(linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b")), getattr(self, f"prelu_{i}"))
+        p = linear(t2, getattr(self, f"l1_{i}_w"), getattr(self, f"l1_{i}_b"), prelu=getattr(self, f"prelu_{i}"))
         return layer_norm(residual(t2, p, getattr(self, f"l2_{i}_w")),
                           (getattr(self, f"norm3_{i}_w"), getattr(self, f"norm3_{i}_b")), e3)
 
