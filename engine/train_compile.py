@@ -2,8 +2,12 @@
 
 * **CUDA** — the model's whole forward, ``torch.compile(dynamic=True)`` (with ``--cuda-graph`` the whole step
   is captured around it): there the step is launch-bound and one graph is what pays.
-* **CPU** — only the Convolutional Fuser's conv blocks (:data:`CPU_REGIONS`), each compiled on its own
-  (instances share the code). On the CPU nothing compiled makes the training step faster: measured on 2
+* **CPU** — only the Convolutional Fuser's conv-block stack (:data:`CPU_REGIONS`: ``ConvolutionalBlocks``, its
+  blocks unrolled in one graph). Not each ``ConvolutionalBlock`` on its own: the blocks share one code
+  object, and the first block's input (a permuted view) and the others' (fresh tensors), x train / eval
+  (grad mode) x batch >= 16 or not (a guard from the CPU convolution's layout choice) were 8 graphs of it,
+  dynamo's recompile limit, which the built-in job hit in its evaluation (then that frame ran eagerly, with a
+  warning); the stack is 4. On the CPU nothing compiled makes the training step faster: measured on 2
   cores at the built-in job's shapes (B=32, L=28; eager step ~0.64 s), each region class compiled alone
   against the eager step in the same process (median of 8 alternating pairs, eager / compiled):
   ConvolutionalBlock 1.003 (cold compile 47 s), TransformerDecoderLayer 1.000 (101 s), T2V + encoder
@@ -20,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reference.conv_blocks import ConvolutionalBlock
+from reference.conv_blocks import ConvolutionalBlocks
 
-#: the module classes compiled one by one on the CPU (each instance; instances of a class share the code)
-CPU_REGIONS = (ConvolutionalBlock,)
+#: the module classes compiled in place on the CPU (each instance; instances of a class share the code)
+CPU_REGIONS = (ConvolutionalBlocks,)
 
 
 def compile_for_training(run_model: nn.Module, model: nn.Module, device: torch.device, backend: str = "inductor"):

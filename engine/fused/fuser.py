@@ -207,8 +207,7 @@ class FusedEncoderLayer(_FFN):
         qk = linear(x + pos, self.qkw, self.qkb)
         v = linear(x, self.vw, self.vb)
         h = self.nhead
-        a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5,
-                      sdpa_in_half=True)
+        a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5)
         x = layer_norm(self._attn_residual(x, a), (self.n1w, self.n1b), self.eps1)
         return layer_norm(residual(x, self._hidden(x), self.l2w), (self.n2w, self.n2b), self.eps2)
 
