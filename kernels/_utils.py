@@ -28,9 +28,9 @@ _derived: dict[tuple[int, Hashable], tuple[weakref.ref, int, Any]] = {}
 
 def derived(w: Tensor, tag: Hashable, make: Callable[[Tensor], Any]) -> Any:
     """``make(w)`` (a re-laid-out copy of a weight: oneDNN-packed, transposed, split in blocks; or a value
-    read from it), computed once
-    per (tensor, ``tag``) and cached while ``w`` lives unmodified: keyed by identity and ``_version``, so an
-    in-place write or a new tensor after ``.to()`` makes it again, and the entry goes when the tensor does.
+    read from it), computed once per (tensor, ``tag``) and cached while ``w`` lives unmodified: keyed by
+    identity and ``_version``, so an in-place write or a new tensor after ``.to()`` makes it again, and the
+    entry goes when the tensor does.
     A tensor made under ``torch.inference_mode`` has no version counter: ``make(w)`` every call. Eager only
     (not inside torch.compile / export tracing)."""
     if w.is_inference():

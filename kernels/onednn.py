@@ -79,8 +79,9 @@ def _eligible(x: Tensor, w: Tensor) -> bool:
             and packing_enabled(w.dtype))
 
 
-def packed_ids() -> list[tuple[int, bool]]:
-    """(id of the weight, transposed) for every weight packed so far and still alive (introspection, tests)."""
+def packed_ids() -> list[tuple[int, bool | str]]:
+    """(id of the weight, kind) for every weight packed so far and still alive — kind False / True for a linear's
+    weight (stored as W / as W^T), "conv3" for a conv kernel (introspection, tests)."""
     return [(i, tag[1]) for i, tag in derived_keys("onednn")]
 
 
