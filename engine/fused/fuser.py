@@ -217,13 +217,15 @@ class FusedConvBlocks(FusedModule):
     valid mask, vkeep (B, L) bool) -> (B, L, d), zero at padded clips.
 
     On the CPU each k=3 conv is one oneDNN convolution (:func:`kernels.onednn.conv3`: (B, L, d) contiguous is
-    the channels-last layout it reads and writes, ReLU and the residual add in its epilogue; 1.5x the GEMM
-    path at B=1, 1.08x at B=32, 2 threads). Where that does not apply (small fp32 weights, tracing, grad,
-    packing off) each conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1}]`` (B L, 3d): the rows of the
-    zero-padded (B, L + 2, d) input overlap by d, so that matrix is one strided copy of it (no concatenation);
-    the second conv's residual add and bias ride in its GEMM. The padded clips are zeroed after each conv (the
-    reference zeroes them before each one; a valid clip next to the padding reads them) — two in-place
-    multiplies per block (always: skipping them for unpadded batches would need a host read of the mask)."""
+    the channels-last layout it reads and writes, ReLU and the residual add in its epilogue; one conv alone
+    is 1.5x the GEMM path at B=1 and 1.08x at B=32 on 2 threads, while the whole B=1 forward is level within
+    noise: there the stack is bound by streaming its 7.9 MB of weights). Where that does not apply (small
+    fp32 weights, tracing, grad, packing off) each conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1}]``
+    (B L, 3d): the rows of the zero-padded (B, L + 2, d) input overlap by d, so that matrix is one strided
+    copy of it (no concatenation); the second conv's residual add and bias ride in its GEMM. The padded
+    clips are zeroed after each conv (the reference zeroes them before each one; a valid clip next to the
+    padding reads them) — two in-place multiplies per block (always: skipping them for unpadded batches would
+    need a host read of the mask)."""
 
     replaces = "reference.conv_blocks.ConvolutionalBlocks"
     kernel_backend: str = "auto"
