@@ -218,8 +218,8 @@ class FusedConvBlocks(FusedModule):
 
     On the CPU each k=3 conv is one oneDNN convolution (:func:`kernels.onednn.conv3`: (B, L, d) contiguous is
     the channels-last layout it reads and writes, ReLU and the residual add in its epilogue; one conv alone
-    is 1.5x the GEMM path at B=1 and 1.08x at B=32 on 2 threads, while the whole B=1 forward is level within
-    noise: there the stack is bound by streaming its 7.9 MB of weights). Where that does not apply (small
+    is 1.5x the GEMM path at B=1 and 1.08x at B=32 on 2 threads, while in the whole B=1 forward the two
+    paths are level within noise, 60 alternating pairs). Where that does not apply (small
     fp32 weights, tracing, grad, packing off) each conv is one GEMM over ``[x_{t-1} | x_t | x_{t+1}]``
     (B L, 3d): the rows of the zero-padded (B, L + 2, d) input overlap by d, so that matrix is one strided
     copy of it (no concatenation); the second conv's residual add and bias ride in its GEMM. The padded
