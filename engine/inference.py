@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels._utils import BACKENDS, PRECISIONS
+from kernels.onednn import has_fast_kernels
 from reference import LDDETR
 from reference.validate import check_input_shapes
 
@@ -262,6 +263,11 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
     fused = FusedLDDETR.from_reference(model).to(device)
     if dtype != torch.float32:
         fused.to_dtype(dtype)
+        if device.type == "cpu" and not has_fast_kernels(dtype):
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+            warnings.warn(f"dtype={name} on this CPU: it has no fast {name} kernels (oneDNN needs "
+                          f"{'AVX512-BF16 or AMX' if dtype == torch.bfloat16 else 'AVX512-FP16 or AMX-FP16'}), so the "
+                          f"{name} engine runs several times slower than fp32 here; use dtype='fp32'", stacklevel=2)
     set_backend(fused, backend, precision)
     cfg = model.cfg
     if buckets == "auto":

@@ -311,3 +311,23 @@ def test_inductor_compiled_engine_matches(fresh_seed, small_cfg):
     eng = build(model, device="cpu", compile="model")
     batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
     _assert_matches_reference(model, eng, batch)
+
+
+def test_build_warns_for_half_precision_without_fast_cpu_kernels(monkeypatch, small_cfg):
+    """bf16/fp16 on a CPU without oneDNN's fast half kernels runs aten's slow loops (fp16 measured 5-12x slower
+    than fp32 on an AMD EPYC): build says so once, naming the dtype; fp32 and CPUs with the kernels stay quiet."""
+    import warnings
+
+    import engine.inference as inference
+    from kernels import onednn
+
+    model = _model(small_cfg)
+    monkeypatch.setattr(inference, "has_fast_kernels", lambda dtype: dtype == torch.float32)
+    with pytest.warns(UserWarning, match=r"dtype=fp16 on this CPU: .* slower than fp32"):
+        build(model, device="cpu", dtype="fp16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(model, device="cpu", dtype="fp32")
+        monkeypatch.setattr(inference, "has_fast_kernels", lambda dtype: True)
+        build(model, device="cpu", dtype="bf16")
+    assert onednn.has_fast_kernels(torch.float32)
