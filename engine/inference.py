@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels._utils import BACKENDS, PRECISIONS
-from kernels.onednn import has_fast_kernels
+from kernels.onednn import FAST_KERNEL_ISA, has_fast_kernels
 from reference import LDDETR
 from reference.validate import check_input_shapes
 
 from .checkpoint import load_checkpoint
-from .cli import to_dtype
+from .cli import DTYPES, to_dtype
 from .fused import FusedLDDETR
 
 HALF = (torch.bfloat16, torch.float16)
@@ -264,10 +264,10 @@ def build(model_or_checkpoint: LDDETR | str | os.PathLike, *, device: str | torc
     if dtype != torch.float32:
         fused.to_dtype(dtype)
         if device.type == "cpu" and not has_fast_kernels(dtype):
-            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+            name = next(k for k, v in DTYPES.items() if v == dtype)
             warnings.warn(f"dtype={name} on this CPU: it has no fast {name} kernels (oneDNN needs "
-                          f"{'AVX512-BF16 or AMX' if dtype == torch.bfloat16 else 'AVX512-FP16 or AMX-FP16'}), so the "
-                          f"{name} engine runs several times slower than fp32 here; use dtype='fp32'", stacklevel=2)
+                          f"{FAST_KERNEL_ISA[dtype]}), so the {name} engine runs several times slower than fp32 "
+                          "here; use dtype='fp32'", stacklevel=2)
     set_backend(fused, backend, precision)
     cfg = model.cfg
     if buckets == "auto":

@@ -222,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli.check_writable(args.out)
         if args.plot is not None:
             cli.check_writable(args.plot, is_dir=True)
-        predictor = Predictor.from_checkpoint(args.ckpt, device=device, backend=args.kernels,
-                                              dtype=args.dtype, compile=args.compile)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a half dtype this CPU runs slowly: one line
+            warnings.simplefilter("always")
+            predictor = Predictor.from_checkpoint(args.ckpt, device=device, backend=args.kernels,
+                                                  dtype=args.dtype, compile=args.compile)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
         if args.video is not None:
             return video_main(args, predictor)
         ann_file = args.ann or find_split(args.data_root, args.split)

@@ -50,24 +50,21 @@ def set_packing(enabled: bool) -> None:
     clear_derived("onednn")
 
 
-def _supported(dtype: torch.dtype) -> bool:
-    """oneDNN has fast kernels for ``dtype`` on this CPU (bf16: AVX512-BF16/AMX, fp16: AVX512-FP16/AMX-FP16)."""
+#: what a CPU needs for oneDNN's fast half-precision kernels (fp32 needs nothing)
+FAST_KERNEL_ISA = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AMX-FP16"}
+
+
+def has_fast_kernels(dtype: torch.dtype) -> bool:
+    """Whether this CPU has oneDNN kernels that make ``dtype`` GEMMs fast (fp32 always; half precision: see
+    :data:`FAST_KERNEL_ISA`), whatever :func:`set_packing` says. Without them half precision on the CPU runs
+    aten's slow reference loops: measured 5-12x slower than fp32 (fp16 on an AMD EPYC)."""
     if dtype == torch.float32:
         return True
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     fn = getattr(torch.ops.mkldnn, check, None)
-    return bool(fn is not None and fn())
-
-
-def has_fast_kernels(dtype: torch.dtype) -> bool:
-    """Whether this CPU has oneDNN kernels that make ``dtype`` GEMMs fast (fp32 always; bf16: AVX512-BF16 or AMX;
-    fp16: AVX512-FP16 or AMX-FP16), whatever :func:`set_packing` says. Without them half precision on the CPU
-    runs aten's slow reference loops: measured 5-12x slower than fp32 (fp16 on an AMD EPYC)."""
-    if dtype == torch.float32:
-        return True
     try:
-        return torch.backends.mkldnn.is_available() and _supported(dtype)
-    except Exception:  # an old build without the checks
+        return bool(torch.backends.mkldnn.is_available() and fn is not None and fn())
+    except Exception:  # a build whose check itself fails
         return False
 
 
@@ -77,7 +74,7 @@ def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
         return False
     if not _state["checked"]:
         ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        _state.update(checked=True, enabled=bool(ok), dtypes={d: ok and _supported(d) for d in PACK_DTYPES})
+        _state.update(checked=True, enabled=bool(ok), dtypes={d: ok and has_fast_kernels(d) for d in PACK_DTYPES})
     return _state["enabled"] and _state["dtypes"][dtype]
 
 
@@ -101,15 +98,21 @@ def _reorder(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
 
 
-def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
-    """The oneDNN-reordered copy of W (``transposed``: of ``w.t()``, for weights stored as W^T), or None if
-    packing failed (then it is off for the process). Cached per weight (:func:`kernels._utils.derived`)."""
+def _pack(w: Tensor, kind, make) -> Tensor | None:
+    """``make(w)`` cached per weight (:func:`kernels._utils.derived`), or None if oneDNN cannot pack it (then
+    packing is off for the process, with one warning)."""
     try:
-        return derived(w, ("onednn", transposed), lambda t: _reorder(t.t() if transposed else t))
+        return derived(w, ("onednn", kind), make)
     except Exception as e:  # an unsupported dtype / build: plain GEMMs from now on
         warnings.warn(f"oneDNN weight packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
         _state["enabled"] = False
         return None
+
+
+def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
+    """The oneDNN-reordered copy of W (``transposed``: of ``w.t()``, for weights stored as W^T), or None if
+    packing failed (then it is off for the process)."""
+    return _pack(w, transposed, lambda t: _reorder(t.t() if transposed else t))
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
@@ -171,11 +174,8 @@ def conv3(x: Tensor, wt: Tensor, bias: Tensor, residual: Tensor | None = None) -
     without a copy, so this replaces the GEMM path's strided copy of the shifted inputs as well."""
     if not _eligible(x, wt):
         return None
-    try:
-        w = derived(wt, ("onednn", "conv3"), _conv3_weight)
-    except Exception as e:  # an unsupported build: plain GEMMs from now on
-        warnings.warn(f"oneDNN convolution packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
-        _state["enabled"] = False
+    w = _pack(wt, "conv3", _conv3_weight)
+    if w is None:
         return None
     x4 = x.contiguous().transpose(1, 2)[:, :, None, :]  # (B, C_in, 1, L) channels-last view
     geometry = ([0, 1], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups
