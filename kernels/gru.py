@@ -23,7 +23,7 @@ Backends (``backend`` = "auto" | "triton" | "torch"; "auto" is Triton on CUDA, t
 * "torch" — a loop over the steps with the samples sorted by length, so the active ones are a prefix and a
   finished sample leaves it (no work past its length, no (B, L, H) output, no gather):
   ``gru_recurrence_torch``, the input GEMM in the input dtype and the state and gates in fp32, five ops per
-  step into buffers allocated once (``addmm`` for W_hh with b_hh folded in — ``baddbmm`` over the three gate
+  step into buffers allocated once (``addmm`` for W_hh with b_hh folded in — ``baddbmm`` over column
   blocks while one sample is active — sigmoid_, addcmul, tanh_, lerp).
   It beats aten's packed-sequence GRU (~20 dispatched ops per step) on CPU, and aten's half GRU would keep
   h and the gates in half precision.
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ._utils import BACKENDS, KernelInputError, check_tensor, derived, resolve_backend
-from .onednn import linear
+from .onednn import _eligible, linear, packed
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -117,9 +117,25 @@ def _w_t(w: Tensor) -> Tensor:  # (3H, H) -> W_hh^T (H, 3H) contiguous fp32: MKL
     return w.float().t().contiguous()
 
 
-def _w_blocks(w: Tensor) -> Tensor:  # (3H, H) -> (3, H, H), block g = W_g^T (gate g's rows), contiguous fp32
-    h = w.shape[1]
-    return w.float().view(3, h, h).transpose(1, 2).contiguous()
+def _row_blocks(three_h: int) -> int:
+    """How many column blocks the single-row W_hh product is split into: one per thread (a batched GEMV runs
+    its blocks on separate threads: 10.6 vs 13.1 us for 2 vs 3 blocks on 2 threads, H = 256), 3 (the gates)
+    where the thread count does not divide 3H or exceeds 8."""
+    k = torch.get_num_threads()
+    return k if k <= 8 and three_h % k == 0 else 3
+
+
+def _w_blocks(w: Tensor, k: int) -> Tensor:
+    """(3H, H) -> (k, H, 3H / k) contiguous fp32: block j = columns j*c..(j+1)*c of W_hh^T, so the k outputs of
+    ``baddbmm`` laid end to end are the 3H-wide ``h W_hh^T``."""
+    c = w.shape[0] // k
+    return w.float().t().reshape(w.shape[1], k, c).transpose(0, 1).contiguous()
+
+
+def _packed_hh(h: Tensor, w_hh: Tensor) -> Tensor | None:
+    """W_hh oneDNN-packed in its own dtype for the product with the (k, H) fp32 state h, or None where that path
+    does not apply (see :mod:`kernels.onednn`; then fp32 ``addmm``)."""
+    return packed(w_hh) if _eligible(h if h.dtype == w_hh.dtype else h.to(w_hh.dtype), w_hh) else None
 
 
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int]) -> Tensor:
@@ -131,22 +147,25 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
     gives the r/z pre-activations and ``gh_n = h W_n^T + b_hh_n`` together; then ``sigmoid_``, ``addcmul``
     (gi_n + r * gh_n), ``tanh_`` and ``lerp`` (n + z (h - n)). The active samples at step t are a prefix
     (k_t = #{b: lengths[b] > t}); a finished sample's state leaves the prefix and is kept as it is. While a
-    single sample is active (B = 1, or the longest one's tail) the W_hh product is one ``baddbmm`` over the
-    three gate blocks instead of the ``addmm``: MKL's 1-row GEMM is ~25% slower (2 threads, H = 256). The
+    single sample is active (B = 1, or the longest one's tail) the W_hh product is one ``baddbmm`` over
+    column blocks of W_hh^T, one per thread, instead of the ``addmm``: MKL's 1-row GEMM is 1.6x slower (17.3 vs
+    10.6 us, 2 threads, H = 256). The
     re-laid-out W_hh copies are made once per weight (:func:`kernels._utils.derived`).
     """
     b, _, three_h = gi.shape
     hid = three_h // 3
     t_max = lengths[0]
-    g = gi[:, :t_max].float()  # (B, T, 3H) fp32
     b_h = b_hh.float()
-    d = torch.cat([g[..., : 2 * hid] + b_h[: 2 * hid], b_h[2 * hid:].expand(b, t_max, hid)], 2)  # (B, T, 3H)
-    gn = g[..., 2 * hid:]  # (B, T, H)
+    # D (T, B, 3H) fp32, step-major (each step's rows contiguous): two writes, the cast riding in the add
+    d = torch.empty(t_max, b, three_h, dtype=torch.float32, device=gi.device)
+    torch.add(gi[:, :t_max, : 2 * hid].transpose(0, 1), b_h[: 2 * hid], out=d[..., : 2 * hid])
+    d[..., 2 * hid:] = b_h[2 * hid:]
+    gn = gi[:, :t_max, 2 * hid:]  # (B, T, H) in gi's dtype: addcmul reads it into its fp32 result
     # step 0 from h0 = 0: the pre-activations are D_0 itself
-    rz = torch.sigmoid(d[:, 0, : 2 * hid])
-    n = torch.tanh_(torch.addcmul(gn[:, 0], rz[:, :hid], d[:, 0, 2 * hid:]))
+    rz = torch.sigmoid(d[0, :, : 2 * hid])
+    n = torch.tanh_(torch.addcmul(gn[:, 0], rz[:, :hid], d[0, :, 2 * hid:]))
     h = torch.addcmul(n, rz[:, hid:], n, value=-1)  # (B, H): n + z * (0 - n)
-    a = torch.empty_like(d[:, 0])  # (B, 3H) per-step pre-activations [pre_r | pre_z | gh_n]
+    a = torch.empty_like(d[0])  # (B, 3H) per-step pre-activations [pre_r | pre_z | gh_n]
     done: list[Tensor] = []  # finished tails, shortest first
     addmm, baddbmm, addcmul, lerp = torch.addmm, torch.baddbmm, torch.addcmul, torch.lerp
     for k, t0, t1 in _segments(lengths):
@@ -156,17 +175,28 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
         a_k, n_k = a[:k], n[:k]
         a_rz, a_r, a_z, a_n = a_k[:, : 2 * hid], a_k[:, :hid], a_k[:, hid: 2 * hid], a_k[:, 2 * hid:]
         gn_steps = gn[:k, t0:t1].unbind(1)  # per-step (k, H) views
-        if k == 1:  # one row: the three gate blocks as one batched GEMV, (3, 1, H) views of a and h
-            w_blocks = derived(w_hh, "gru_w_blocks", _w_blocks)
-            a3, h3 = a_k.view(3, 1, hid), h.expand(3, 1, hid)
-            for d_t, gn_t in zip(d[0, t0:t1].view(t1 - t0, 3, 1, hid).unbind(0), gn_steps):
+        if k == 1:  # one row: W_hh^T's column blocks as one batched GEMV, (nb, 1, 3H / nb) views of a and d
+            nb = _row_blocks(three_h)
+            w_blocks = derived(w_hh, ("gru_w_blocks", nb), lambda w: _w_blocks(w, nb))
+            a3, h3 = a_k.view(nb, 1, -1), h.expand(nb, 1, hid)
+            for d_t, gn_t in zip(d[t0:t1, 0].view(t1 - t0, nb, 1, -1).unbind(0), gn_steps):
                 baddbmm(d_t, h3, w_blocks, out=a3)
                 a_rz.sigmoid_()
                 addcmul(gn_t, a_r, a_n, out=n_k).tanh_()
                 lerp(n_k, h, a_z, out=h)  # n + z * (h - n), in place
+        elif (pk := _packed_hh(h, w_hh)) is not None:
+            # several rows, on the CPU: oneDNN's GEMM on W_hh packed in its own dtype (fp32: 81 vs 109 us for
+            # MKL's addmm at 32 rows; bf16: 48 us, h rounded to bf16 for the product only), then + D_t in fp32
+            wdt = w_hh.dtype
+            for d_t, gn_t in zip(d[t0:t1, :k].unbind(0), gn_steps):
+                hh = h if wdt == h.dtype else h.to(wdt)
+                torch.add(d_t, torch.ops.mkldnn._linear_pointwise(hh, pk, None, "none", [], ""), out=a_k)
+                a_rz.sigmoid_()
+                addcmul(gn_t, a_r, a_n, out=n_k).tanh_()
+                lerp(n_k, h, a_z, out=h)
         else:
             w_t = derived(w_hh, "gru_w_t", _w_t)
-            for d_t, gn_t in zip(d[:k, t0:t1].unbind(1), gn_steps):
+            for d_t, gn_t in zip(d[t0:t1, :k].unbind(0), gn_steps):
                 addmm(d_t, h, w_t, out=a_k)
                 a_rz.sigmoid_()
                 addcmul(gn_t, a_r, a_n, out=n_k).tanh_()

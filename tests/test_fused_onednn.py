@@ -130,8 +130,9 @@ def test_built_under_inference_mode_still_packs(fresh_seed, small_cfg):
 
 
 def test_fused_fp32_runs_packed_gemms_for_large_weights(fresh_seed, small_cfg):
-    """The fp32 fused model packs exactly its weights above FP32_MIN_PACKED (the attention/FFN and conv GEMMs)
-    and leaves the small ones (e.g. the decoder's 2-wide box heads) on MKL."""
+    """The fp32 fused model packs its weights above FP32_MIN_PACKED (the attention/FFN and conv GEMMs), smaller
+    ones only for GEMMs of FP32_MIN_PACKED_WORK multiply-adds, and never a thin one (the decoder's 2-wide box
+    heads stay on MKL)."""
     model = randomize_bn_stats_(LDDETR(small_cfg).eval())
     fused = FusedLDDETR.from_reference(model)
     with torch.inference_mode():
@@ -139,8 +140,12 @@ def test_fused_fp32_runs_packed_gemms_for_large_weights(fresh_seed, small_cfg):
     packed_ids = {key[0] for key in onednn.packed_ids()}
     weights = [b for b in fused.buffers() if b.dim() == 2 and b.dtype == torch.float32]
     large = {id(w) for w in weights if w.numel() > onednn.FP32_MIN_PACKED}
-    assert not packed_ids & {id(w) for w in weights if w.numel() <= onednn.FP32_MIN_PACKED}
+    assert not packed_ids & {id(w) for w in weights if w.numel() <= onednn.FP32_MIN_PACKED and min(w.shape) < 64}
     assert len(packed_ids & large) >= 10
+    x = torch.randn(1, 32, 256)  # the rule itself: 256 x 256 packs from 32 rows, a 2 x 256 head never
+    assert onednn._fp32_pays(x, torch.empty(256, 256)) and not onednn._fp32_pays(x[:, :31], torch.empty(256, 256))
+    assert not onednn._fp32_pays(torch.randn(9000, 256), torch.empty(2, 256))
+    assert onednn._fp32_pays(x[:, :1], torch.empty(257, 256))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

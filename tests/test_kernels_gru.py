@@ -95,6 +95,29 @@ def test_prefix_loop_fp32_matches_nn_gru(fresh_seed, lengths):
     torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])  # 3H = 120: 1, 2, 3, 5 column blocks; 7 does not divide: 3
+def test_single_row_blocks_match_nn_gru_at_any_thread_count(fresh_seed, threads):
+    """The single-active-sample W_hh product is split in one column block per thread: every split (and the
+    fallback to the three gates) gives nn.GRU's state, for a lone sample and a one-sample tail."""
+    from kernels.gru import _row_blocks, gru_recurrence_torch
+
+    g = make_gru(40)
+    x = torch.randn(2, 37, 40, device=DEVICE)
+    steps = torch.tensor([37, 9], device=DEVICE)
+    w_ih, w_hh, b_ih, b_hh = weights(g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _row_blocks(120) == (threads if threads != 7 else 3)
+        with torch.no_grad():
+            y = gru_recurrence_torch(input_projection(x, w_ih, b_ih), w_hh, b_hh, steps.tolist())
+            y1 = gru_recurrence_torch(input_projection(x[:1], w_ih, b_ih), w_hh, b_hh, [37])
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y1, y[:1], rtol=1e-6, atol=1e-6)
+
 def test_each_sample_uses_only_its_own_steps(fresh_seed):
     """A sample's state equals the same sample run alone on its first steps[b] steps (no batch leak)."""
     g = make_gru(32)
@@ -335,3 +358,23 @@ def test_onnx_export_is_one_gru_node(fresh_seed, tmp_path, half):
         (h,) = session.run(["h"], {"x": x2.to(dtype).numpy(), "steps": s2.numpy()})
         ref = reference(ref_gru, x2, s2) * 2.0
         assert rel_err(torch.from_numpy(h), ref) <= (2e-3 if half else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_row_steps_on_packed_w_hh_match_nn_gru(fresh_seed, dtype):
+    """Several active rows at H = 256 take oneDNN's GEMM on W_hh packed in its dtype (fp32 from 11 rows; bf16
+    where the CPU has fast bf16 kernels): the state still matches nn.GRU (fp32 1e-5, bf16 within 2e-2)."""
+    from kernels import onednn
+    from kernels.gru import _packed_hh
+
+    if dtype == torch.bfloat16 and not onednn.packing_enabled(dtype):
+        pytest.skip("no fast oneDNN bf16 kernels on this CPU")
+    g = make_gru(256)
+    x = torch.randn(13, 37, 256, device=DEVICE)
+    steps = torch.tensor([37, 37, 30, 30, 29, 25, 20, 20, 19, 9, 9, 3, 1], device=DEVICE)
+    w_ih, w_hh, b_ih, b_hh = weights(g, dtype)
+    with torch.no_grad():
+        assert _packed_hh(torch.zeros(13, 256), w_hh) is not None
+        y = gru_last_state(x.to(dtype), w_ih, w_hh, b_ih, b_hh, steps, backend="torch")
+    ref = reference(g, x, steps)
+    assert rel_err(y.float(), ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
