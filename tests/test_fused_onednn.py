@@ -168,3 +168,23 @@ def test_conv3_matches_conv1d(fresh_seed, dtype):
     with torch.no_grad():
         small = torch.randn(3 * 16, 16)
         assert onednn.conv3(torch.randn(1, 5, 16), small, torch.randn(16)) is None
+
+
+def test_half_softmax_via_fp32_matches_float64_attention(fresh_seed):
+    """The bf16 attention's long-row softmax (>= 65536 scores, 75 keys: the fp32 route) against float64, with
+    padded keys masked: within bf16's error, and masked keys get exactly zero weight."""
+    from engine.fused.common import attention, attention_mask, heads
+
+    b, h, l = 32, 8, 75
+    qkv = torch.randn(b, l, 768, dtype=torch.float64)
+    keep = torch.ones(b, l, dtype=torch.bool)
+    keep[1::2, 40:] = False
+    q, k, v = (heads(t, h) for t in qkv.split(256, -1))
+    s = (q @ k.transpose(-1, -2)) * 32 ** -0.5 + torch.where(keep[:, None, None, :], 0.0, float("-inf"))
+    ref = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, l, 256)
+    qb, kb, vb = (heads(t, h) for t in qkv.bfloat16().split(256, -1))
+    vb_noisy = vb.clone()
+    vb_noisy[1::2, :, 40:] = 1e4  # padded values: must not leak
+    with torch.no_grad():
+        y = attention(qb, kb, vb_noisy, attention_mask(keep, h, torch.bfloat16), 32 ** -0.5)
+    assert rel(y.double(), ref) < 1e-2
