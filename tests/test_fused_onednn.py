@@ -188,3 +188,32 @@ def test_half_softmax_via_fp32_matches_float64_attention(fresh_seed):
     with torch.no_grad():
         y = attention(qb, kb, vb_noisy, attention_mask(keep, h, torch.bfloat16), 32 ** -0.5)
     assert rel(y.double(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("lq,lk,e", [(10, 75, 64), (75, 75, 32), (10, 10, 32)])
+def test_small_half_attention_runs_in_fp32(fresh_seed, monkeypatch, lq, lk, e):
+    """bf16 attention over few (batch x head) matrices (B = 1, 8 heads) takes the fp32 route: its result is the
+    fp32 attention rounded once (bit-equal), within bf16's error of float64 with padded keys masked and
+    noisy; one more matrix than the limit keeps the bf16 path."""
+    from engine.fused import common
+    from engine.fused.common import attention, attention_mask
+
+    h = 8
+    q = torch.randn(1, h, lq, e, dtype=torch.float64)
+    k = torch.randn(1, h, lk, e, dtype=torch.float64)
+    v = torch.randn(1, h, lk, 32, dtype=torch.float64)
+    keep = torch.ones(1, lk, dtype=torch.bool)
+    keep[0, lk - lk // 3:] = False
+    s = (q @ k.transpose(-1, -2)) * e ** -0.5 + torch.where(keep[:, None, None, :], 0.0, float("-inf"))
+    ref = (s.softmax(-1) @ v).transpose(1, 2).reshape(1, lq, h * 32)
+    v_noisy = v.clone()
+    v_noisy[0, :, ~keep[0]] = 1e4
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v_noisy.bfloat16()
+    with torch.no_grad():
+        y = attention(qb, kb, vb, attention_mask(keep, h, torch.bfloat16), e ** -0.5)
+        y32 = attention(qb.float(), kb.float(), vb.float(), attention_mask(keep, h, torch.float32), e ** -0.5)
+        monkeypatch.setattr(common, "HALF_ATTENTION_FP32_MAX_BATCH", h - 1)
+        y_half = attention(qb, kb, vb, attention_mask(keep, h, torch.bfloat16), e ** -0.5)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.bfloat16())
+    assert rel(y.double(), ref) < 1e-2 and rel(y_half.double(), ref) < 2e-2
+    assert not torch.equal(y_half, y)  # the limit is what picks the route

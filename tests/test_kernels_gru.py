@@ -378,3 +378,28 @@ def test_multi_row_steps_on_packed_w_hh_match_nn_gru(fresh_seed, dtype):
         y = gru_last_state(x.to(dtype), w_ih, w_hh, b_ih, b_hh, steps, backend="torch")
     ref = reference(g, x, steps)
     assert rel_err(y.float(), ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_form_is_the_gru_step(fresh_seed, dtype):
+    """The torch loop's rescaled weights: with s = (h + 1) / 2, ``s W'^T + b'`` = [gh_r, gh_z, 2 gh_n] and
+    ``(s - 1/2) W'^T + b' + c`` the same (the half path's form), so sigmoid(2 gi_n + r * 2 gh_n) = (tanh(..) + 1) / 2;
+    the doubled input weights give 2 gi_n exactly."""
+    from kernels.gru import _sigmoid_form, _sigmoid_input
+
+    hid = 24
+    w_hh, b_hh = (torch.randn(3 * hid, hid) / 4).to(dtype), torch.randn(3 * hid).to(dtype)
+    w_ih, b_ih = torch.randn(3 * hid, 16).to(dtype), torch.randn(3 * hid).to(dtype)
+    w2, b2, c = _sigmoid_form(w_hh, b_hh)
+    h = torch.rand(5, hid, dtype=torch.float64) * 2 - 1
+    s = (h + 1) / 2
+    gh = h @ w_hh.double().T + b_hh.double()
+    want = torch.cat([gh[:, : 2 * hid], 2 * gh[:, 2 * hid:]], 1)
+    assert w2.dtype == dtype
+    torch.testing.assert_close(s @ w2.double().T + b2.double(), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close((s - 0.5) @ w2.double().T + b2.double() + c.double(), want, rtol=1e-6, atol=1e-5)
+    wi2, bi2 = _sigmoid_input(w_ih, b_ih)
+    assert torch.equal(wi2[: 2 * hid], w_ih[: 2 * hid]) and torch.equal(wi2[2 * hid:], 2 * w_ih[2 * hid:])
+    assert torch.equal(bi2[2 * hid:], 2 * b_ih[2 * hid:])
+    u = torch.randn(5, hid, dtype=torch.float64)
+    torch.testing.assert_close(torch.sigmoid(2 * u), (torch.tanh(u) + 1) / 2)
