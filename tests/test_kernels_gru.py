@@ -403,3 +403,36 @@ def test_sigmoid_form_is_the_gru_step(fresh_seed, dtype):
     assert torch.equal(bi2[2 * hid:], 2 * b_ih[2 * hid:])
     u = torch.randn(5, hid, dtype=torch.float64)
     torch.testing.assert_close(torch.sigmoid(2 * u), (torch.tanh(u) + 1) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_rows_skip_the_input_gemm(fresh_seed, monkeypatch, dtype):
+    """The torch loop projects only the rows it reads (t < steps[b]) that are not all zero (a zero row's
+    projection is b_ih exactly): as the saliency head's input, zero past each sample's window. Same result as
+    the full GEMM and nn.GRU; a NaN row still reaches the GEMM; past the row limit it is one full GEMM."""
+    import kernels.gru as kg
+
+    g = make_gru(40)
+    b, length = 5, 37
+    steps = torch.tensor([37, 30, 30, 12, 3])
+    window = torch.tensor([9, 30, 0, 5, 2])  # nonzero rows per sample
+    x = torch.randn(b, length, 40) * (torch.arange(length)[None, :, None] < window[:, None, None])
+    x[1, 3] = 0.0  # a zero row inside a window
+    seen = []
+    real = kg.linear
+    monkeypatch.setattr(kg, "linear", lambda a, *w: seen.append(a.shape[0]) or real(a, *w))
+    w = weights(g, dtype)
+    with torch.no_grad():
+        y = gru_last_state(x.to(dtype), *w, steps, backend="torch")
+        monkeypatch.setattr(kg, "SPARSE_ROWS_MAX_FRACTION", -1.0)
+        y_full = gru_last_state(x.to(dtype), *w, steps, backend="torch")
+    assert seen == [9 + 29 + 0 + 5 + 2, b * length]
+    torch.testing.assert_close(y, y_full, rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kg, "SPARSE_ROWS_MAX_FRACTION", 0.75)
+    x[3, 20] = float("nan")  # past sample 3's 12 steps: never read
+    x[4, 1] = float("nan")
+    with torch.no_grad():
+        y_nan = gru_last_state(x.to(dtype), *w, steps, backend="torch")
+    assert torch.isnan(y_nan[4]).all() and not torch.isnan(y_nan[:4]).any()

@@ -153,7 +153,7 @@ def _zero(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, scale: float) -> Tensor:
     """softmax(q k^T * scale + mask) v per head: q (B, h, Lq, e), k (B, h, Lk, e), v (B, h, Lk, ev) (views in any
-    layout; a (B, h, e, Lk)-contiguous k^T makes the bmm copy-free) -> (B, Lq, h * ev)."""
+    layout; a (B, h, Lk, e)-contiguous k, read as a transposed view, makes the bmm copy-free) -> (B, Lq, h * ev)."""
     if not use_bmm_attention(q):
         keep4 = None if mask is None else mask[0]
         return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=keep4, scale=scale))
