@@ -31,15 +31,18 @@ def derived(w: Tensor, tag: Hashable, make: Callable[[Tensor], Any]) -> Any:
     read from it), computed once per (tensor, ``tag``) and cached while ``w`` lives unmodified: keyed by
     identity and ``_version``, so an in-place write or a new tensor after ``.to()`` makes it again, and the
     entry goes when the tensor does.
-    A tensor made under ``torch.inference_mode`` has no version counter: ``make(w)`` every call. Eager only
-    (not inside torch.compile / export tracing)."""
+    A tensor made under ``torch.inference_mode`` has no version counter: ``make(w)`` every call. The copy is
+    made outside inference mode, so that a derived tensor (the GRU's rescaled W_hh) can itself be the source of
+    derived copies (its packed or blocked layouts) when the caller runs under ``torch.inference_mode``. Eager
+    only (not inside torch.compile / export tracing)."""
     if w.is_inference():
         return make(w)
     key = (id(w), tag)
     hit = _derived.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    out = make(w)
+    with torch.inference_mode(False):  # a normal tensor even under inference mode: it can key derived copies of its own
+        out = make(w)
     if hit is None:
         weakref.finalize(w, _derived.pop, key, None)
     _derived[key] = (weakref.ref(w), w._version, out)

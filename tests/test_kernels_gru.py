@@ -436,3 +436,24 @@ def test_zero_rows_skip_the_input_gemm(fresh_seed, monkeypatch, dtype):
     with torch.no_grad():
         y_nan = gru_last_state(x.to(dtype), *w, steps, backend="torch")
     assert torch.isnan(y_nan[4]).all() and not torch.isnan(y_nan[:4]).any()
+
+
+def test_derived_weights_are_made_once_under_inference_mode(fresh_seed, monkeypatch):
+    """The rescaled W_hh is itself the source of the blocked / packed layouts: under torch.inference_mode (how
+    the engine runs) those must still be made once, not every call (an inference tensor has no version
+    counter, so a derived copy made in inference mode could not key copies of its own)."""
+    import kernels.gru as kg
+
+    g = make_gru(32)
+    made = []
+    real = kg._w_blocks
+    monkeypatch.setattr(kg, "_w_blocks", lambda w, k: made.append(k) or real(w, k))
+    w = weights(g)
+    x, steps = torch.randn(1, 9, 32), torch.tensor([9])
+    with torch.inference_mode():
+        y1 = gru_last_state(x, *w, steps, backend="torch")
+        y2 = gru_last_state(x, *w, steps, backend="torch")
+        w2 = kg._sigmoid_form(w[1], w[3])[0]
+    assert len(made) == 1 and not w2.is_inference() and w2 is kg._sigmoid_form(w[1], w[3])[0]
+    assert torch.equal(y1, y2)
+    torch.testing.assert_close(y1, reference(g, x, steps), rtol=1e-5, atol=1e-5)
