@@ -2,7 +2,8 @@
 benchmark, reference and candidates interleaved on the same card.
 
     GIT_COMMIT=$(git rev-parse --short HEAD) PYTHONUNBUFFERED=1 python -m bench.gpu --out bench/results
-    python -m bench.gpu --smoke --out /tmp/smoke      # CPU: checks the script runs (numbers mean nothing)
+    python -m bench.gpu --smoke --out /tmp/smoke      # CPU: checks the script runs (numbers mean nothing;
+                                                      # Triton kernels in its interpreter)
 
 Stages run in priority order; each has a cost estimate and is skipped (and listed as skipped) when it
 would overrun ``--budget`` seconds, so the run fits its slot (8 minutes by default). Results are written
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -434,6 +436,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         print("bench.gpu needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        # the smoke run on a CPU: the Triton kernel rows run in Triton's interpreter (it must be set before
+        # triton is imported; without it the kernels stage failed with KernelInputError)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     run = Run(args)
     print(json.dumps(run.res["header"], indent=1), flush=True)
     stages = [  # (name, estimated seconds, job) in priority order
