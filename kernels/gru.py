@@ -155,7 +155,8 @@ def _sigmoid_form(w_hh: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _packed_hh(h: Tensor, w_hh: Tensor) -> Tensor | None:
     """W_hh oneDNN-packed in its own dtype for the product with the (k, H) fp32 state h, or None where that path
     does not apply (see :mod:`kernels.onednn`; then fp32 ``addmm``)."""
-    return packed(w_hh) if _eligible(h if h.dtype == w_hh.dtype else h.to(w_hh.dtype), w_hh) else None
+    x = h if h.dtype == w_hh.dtype else h.new_empty(h.shape, dtype=w_hh.dtype)  # its dtype is all that is read
+    return packed(w_hh) if _eligible(x, w_hh) else None
 
 
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int], *,

@@ -178,9 +178,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, scale: float) 
 HALF_ATTENTION_FP32_MAX_BATCH = 8
 
 
+def _half_on_cpu(t: Tensor) -> bool:
+    """An eager half-precision CPU tensor: where the attention's fp32 routes apply (tracing checked first, so a
+    traced graph gets no shape guard from the size checks that follow)."""
+    return not is_tracing() and t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu"
+
+
 def _small_half(q: Tensor, nb: int) -> bool:
-    return (not is_tracing() and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu"
-            and nb <= HALF_ATTENTION_FP32_MAX_BATCH)  # tracing first: no shape guard in traced graphs
+    return _half_on_cpu(q) and nb <= HALF_ATTENTION_FP32_MAX_BATCH
 
 
 def _softmax(s: Tensor) -> Tensor:
@@ -188,11 +193,6 @@ def _softmax(s: Tensor) -> Tensor:
     32-wide bf16 vectors runs through fp32 (aten computes it in fp32 either way; only the rounding of exp's
     input differs): 1.07 vs 1.64 ms for (256, 75, 75) bf16 on 2 threads, level at 32 keys; whole forward at B=32
     0.98x. Small ones (B = 1) keep the one op."""
-    if (_SOFTMAX_VIA_FP32[0] and not is_tracing()  # first: no shape guard in traced graphs
-            and s.dtype in (torch.bfloat16, torch.float16) and s.device.type == "cpu"
-            and s.shape[-1] % 32 and s.numel() >= 1 << 16):
+    if _half_on_cpu(s) and s.shape[-1] % 32 and s.numel() >= 1 << 16:
         return torch.softmax(s.float(), -1).to(s.dtype)
     return torch.softmax(s, -1)
-
-
-_SOFTMAX_VIA_FP32 = [True]
