@@ -160,11 +160,13 @@ def _packed_hh(h: Tensor, w_hh: Tensor) -> Tensor | None:
 
 
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int], *,
-                         n_doubled: bool = False) -> Tensor:
+                         n_doubled: bool = False, step_major: bool = False) -> Tensor:
     """The recurrence from h0 = 0 with torch ops. gi (B, L, 3H) = ``input_projection(x, w_ih, b_ih)`` with rows
     sorted by ``lengths`` descending (lengths[b] in [1, L]) -> fp32 (B, H): row b's state after lengths[b]
     steps. ``n_doubled``: gi's n-third is already doubled (projected with :func:`_sigmoid_input`'s weights, as
-    :func:`gru_last_state` does: no pass over gi); otherwise it is doubled here (one op).
+    :func:`gru_last_state` does: no pass over gi); otherwise it is doubled here (one op). ``step_major``: gi is
+    laid out (L, B, 3H) instead (as :func:`_read_rows_projection` makes it), so building the fp32 per-step
+    terms reads it contiguously (a half-precision gi read transposed took 4.8x as long: 697 vs 145 us at B=32).
 
     Sigmoid form: the loop carries s = (h + 1) / 2 instead of h, so that ``n = tanh(u) = 2 sigmoid(2 u) - 1``
     needs no affine map: with W' and b' of :func:`_sigmoid_form` (and gi_n doubled), ``s W'^T + b'`` is
@@ -181,17 +183,20 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
     instead of the ``addmm``: MKL's 1-row GEMM is 1.6x slower (17.3 vs 10.6 us, 2 threads, H = 256). The
     re-laid-out weight copies are made once per weight (:func:`kernels._utils.derived`).
     """
-    b, _, three_h = gi.shape
+    gi = gi if step_major else gi.transpose(0, 1)  # (L, B, 3H)
+    _, b, three_h = gi.shape
     hid = three_h // 3
     t_max = lengths[0]
     w_hh, b_h, c = _sigmoid_form(w_hh, b_hh)
     # D (T, B, 3H) fp32, step-major (each step's rows contiguous): two writes, the cast riding in the add
     d = torch.empty(t_max, b, three_h, dtype=torch.float32, device=gi.device)
-    torch.add(gi[:, :t_max, : 2 * hid].transpose(0, 1), b_h[: 2 * hid], out=d[..., : 2 * hid])
+    torch.add(gi[:t_max, :, : 2 * hid], b_h[: 2 * hid], out=d[..., : 2 * hid])
     d[..., 2 * hid:] = b_h[2 * hid:]
-    gn = gi[:, :t_max, 2 * hid:]  # (B, T, H) 2 gi_n in gi's dtype: addcmul reads it into its fp32 result
+    gn = gi[:t_max, :, 2 * hid:]  # (T, B, H) 2 gi_n, in fp32 (one cast here instead of one inside every addcmul)
     if not n_doubled:
-        gn = gn * 2
+        gn = gn.float() * 2
+    elif gn.dtype != torch.float32:
+        gn = gn.float()
     h = torch.full((b, hid), 0.5, dtype=torch.float32, device=gi.device)  # s0 = (0 + 1) / 2
     a = torch.empty_like(d[0])  # (B, 3H) per-step pre-activations [pre_r | pre_z | 2 gh_n]
     n = torch.empty_like(h)
@@ -203,7 +208,7 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
             h = h[:k].clone()
         a_k, n_k = a[:k], n[:k]
         a_rz, a_r, a_z, a_n = a_k[:, : 2 * hid], a_k[:, :hid], a_k[:, hid: 2 * hid], a_k[:, 2 * hid:]
-        gn_steps = gn[:k, t0:t1].unbind(1)  # per-step (k, H) views
+        gn_steps = gn[t0:t1, :k].unbind(0)  # per-step (k, H) views
         if k == 1:  # one row: W'^T's column blocks as one batched GEMV, (nb, 1, 3H / nb) views of a and d
             nb = _row_blocks(three_h)
             w_blocks = derived(w_hh, ("gru_w_blocks", nb), lambda w: _w_blocks(w, nb))
@@ -254,21 +259,23 @@ SPARSE_ROWS_MAX_FRACTION = 0.75
 
 
 def _read_rows_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor, lengths: list[int]) -> Tensor:
-    """``input_projection(x, w_ih, b_ih)`` (B, T, 3H) where only the rows the recurrence reads (t < lengths[b])
-    and that are not all zero go through the GEMM: a zero row's projection is b_ih exactly, and the saliency
-    head's input is zero past each sample's top-1 window (in the benchmark's model ~70 % of the B=32 rows). Falls back
-    to the one full GEMM when more than ``SPARSE_ROWS_MAX_FRACTION`` of the rows are needed."""
+    """``input_projection(x, w_ih, b_ih)`` laid out step-major, (T, B, 3H), where only the rows the recurrence
+    reads (t < lengths[b]) and that are not all zero go through the GEMM: a zero row's projection is b_ih
+    exactly, and the saliency head's input is zero past each sample's top-1 window (in the benchmark's model
+    ~70 % of the B=32 rows). Falls back to the one full GEMM when more than ``SPARSE_ROWS_MAX_FRACTION`` of the
+    rows are needed."""
     b, t, d = x.shape
     need = x.abs().amax(-1) != 0  # (B, T); NaN rows count as needed (4-9x faster than (x != 0).any(-1))
     if min(lengths) < t:
         need &= torch.arange(t, device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
-    rows = need.view(-1).nonzero().squeeze(1)
+    rows = need.t().reshape(-1).nonzero().squeeze(1)  # step-major row ids t * B + b
     if rows.numel() > SPARSE_ROWS_MAX_FRACTION * b * t:
-        return input_projection(x, w_ih, b_ih)
-    gi = b_ih.expand(b * t, b_ih.shape[0]).clone()
+        return input_projection(x.transpose(0, 1), w_ih, b_ih)  # one copy of x (D wide, not 3H)
+    gi = b_ih.expand(t * b, b_ih.shape[0]).clone()
     if rows.numel():
-        gi.index_copy_(0, rows, linear(x.reshape(b * t, d).index_select(0, rows), w_ih, b_ih))
-    return gi.view(b, t, -1)
+        src = rows % b * t + rows // b  # the same rows in x's (B, T) order
+        gi.index_copy_(0, rows, linear(x.reshape(b * t, d).index_select(0, src), w_ih, b_ih))
+    return gi.view(t, b, -1)
 
 
 def _gru_torch(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, steps: Tensor) -> Tensor:
@@ -281,7 +288,7 @@ def _gru_torch(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
         x = x.index_select(0, order)
         lengths = sorted(lengths, reverse=True)
     h = gru_recurrence_torch(_read_rows_projection(x, *_sigmoid_input(w_ih, b_ih), lengths), w_hh, b_hh, lengths,
-                             n_doubled=True)
+                             n_doubled=True, step_major=True)
     if order is not None:
         h = torch.empty_like(h).index_copy_(0, order, h)
     return h.to(x.dtype)

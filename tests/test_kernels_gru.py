@@ -95,6 +95,31 @@ def test_prefix_loop_fp32_matches_nn_gru(fresh_seed, lengths):
     torch.testing.assert_close(y, reference(g, x, steps), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_major_layout_is_the_same_recurrence(fresh_seed, dtype):
+    """gi laid out (L, B, 3H) (``step_major``, what the op's sparse input projection makes) gives exactly the
+    state of the (B, L, 3H) layout, doubled n-third or not; and the op's step-major projection holds gi."""
+    from kernels.gru import _read_rows_projection, _sigmoid_input, gru_recurrence_torch
+
+    g = make_gru(40)
+    x = torch.randn(4, 37, 40, device=DEVICE).to(dtype)
+    x[1, 20:] = 0  # zero rows: the projection skips them
+    lengths = [37, 30, 9, 1]
+    w_ih, w_hh, b_ih, b_hh = (w.to(dtype) for w in weights(g))
+    with torch.no_grad():
+        gi = input_projection(x, w_ih, b_ih)
+        y = gru_recurrence_torch(gi, w_hh, b_hh, lengths)
+        y_sm = gru_recurrence_torch(gi.transpose(0, 1).contiguous(), w_hh, b_hh, lengths, step_major=True)
+        wi2, bi2 = _sigmoid_input(w_ih, b_ih)
+        gi2 = _read_rows_projection(x, wi2, bi2, lengths)  # (L, B, 3H), n-third doubled
+        y_op = gru_recurrence_torch(gi2, w_hh, b_hh, lengths, n_doubled=True, step_major=True)
+    assert gi2.shape == (37, 4, 120)
+    torch.testing.assert_close(y_sm, y, rtol=0, atol=0)
+    torch.testing.assert_close(y_op, y, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    for b, n in enumerate(lengths):  # the rows the loop reads, in their places: the full GEMM's (n-third doubled)
+        full = input_projection(x[b:b + 1, :n], wi2, bi2)[0]
+        torch.testing.assert_close(gi2[:n, b], full)  # (a GEMM over other rows may round differently)
+
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])  # 3H = 120: 1, 2, 3, 5 column blocks; 7 does not divide: 3
 def test_single_row_blocks_match_nn_gru_at_any_thread_count(fresh_seed, threads):
