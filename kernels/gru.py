@@ -193,10 +193,7 @@ def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[i
     torch.add(gi[:t_max, :, : 2 * hid], b_h[: 2 * hid], out=d[..., : 2 * hid])
     d[..., 2 * hid:] = b_h[2 * hid:]
     gn = gi[:t_max, :, 2 * hid:]  # (T, B, H) 2 gi_n, in fp32 (one cast here instead of one inside every addcmul)
-    if not n_doubled:
-        gn = gn.float() * 2
-    elif gn.dtype != torch.float32:
-        gn = gn.float()
+    gn = gn.float() if n_doubled else gn.float() * 2  # .float(): a no-op for fp32 gi
     h = torch.full((b, hid), 0.5, dtype=torch.float32, device=gi.device)  # s0 = (0 + 1) / 2
     a = torch.empty_like(d[0])  # (B, 3H) per-step pre-activations [pre_r | pre_z | 2 gh_n]
     n = torch.empty_like(h)

@@ -10,7 +10,8 @@ beats MKL's ``addmm`` by 10-45% once the weight is larger than 256 x 256 (2 thre
 ~16 us a call, is most of a 10 x 256 x 256 GEMM): fp32 weights up to ``FP32_MIN_PACKED`` elements take
 MKL unless the GEMM has at least ``FP32_MIN_PACKED_WORK`` multiply-adds and both weight dims are >= 64
 (256 x 256 at 75 rows: 68 vs 91 us; at 10 rows level; a 2 x 256 head at 2400 rows: 117 vs 76 us). Both are
-IEEE fp32 (oneDNN honours ``torch.backends.mkldnn.matmul.fp32_precision``, "ieee" unless the user lowers it). So, for a weight on the CPU under no-grad, outside ``torch.compile``/export tracing:
+IEEE fp32 (oneDNN honours ``torch.backends.mkldnn.matmul.fp32_precision``, "ieee" unless the user lowers it).
+So, for a weight on the CPU under no-grad, outside ``torch.compile``/export tracing:
 
     linear(x, w, b, relu=False)   # relu(x @ w^T + b)           (F.linear otherwise; prelu=a: PReLU)
     addmm_t(bias, x, wt)          # x @ wt + bias, wt = W^T     (the conv blocks' (K, N) weights)

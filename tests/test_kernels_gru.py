@@ -115,7 +115,8 @@ def test_step_major_layout_is_the_same_recurrence(fresh_seed, dtype):
         y_op = gru_recurrence_torch(gi2, w_hh, b_hh, lengths, n_doubled=True, step_major=True)
     assert gi2.shape == (37, 4, 120)
     torch.testing.assert_close(y_sm, y, rtol=0, atol=0)
-    torch.testing.assert_close(y_op, y, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y_op, y, rtol=tol, atol=tol)
     for b, n in enumerate(lengths):  # the rows the loop reads, in their places: the full GEMM's (n-third doubled)
         full = input_projection(x[b:b + 1, :n], wi2, bi2)[0]
         torch.testing.assert_close(gi2[:n, b], full)  # (a GEMM over other rows may round differently)
