@@ -89,19 +89,32 @@ def test_bf16_native(small_cfg):
 
 
 def test_no_host_sync_and_fewer_ops(small_cfg):
-    """No host read (aten._local_scalar_dense, bool(), .item(): a GPU->host sync) in the engine forward; BN
-    folded (no batch_norm ops); at most 0.5x the reference's ops — both counted by engine.opcount (inference mode, views excluded)."""
+    """No host read (aten._local_scalar_dense, bool(), .item(): a GPU->host sync) in the engine forward in the
+    padded layout (what CUDA runs); the CPU's packed layout (engine.fused.packing) reads exactly one value (the
+    valid-clip count) and one data-dependent size (nonzero); BN folded (no batch_norm ops); at most 0.5x the
+    reference's ops — both counted by engine.opcount (inference mode, views excluded)."""
+    from engine.fused.packing import set_row_packing
+
     model = _model(small_cfg)
     eng = build(model, device="cpu")
     batch = random_batch(small_cfg, [37, 29, 33], [7, 5, 9])
-    ref_ops, eng_ops = count_ops(model, *batch), count_ops(eng, *batch)
+    ref_ops, packed_ops = count_ops(model, *batch), count_ops(eng, *batch)
+    set_row_packing(False)
+    try:
+        eng_ops = count_ops(eng, *batch)
+    finally:
+        set_row_packing(True)
     bn = lambda ops: sum(n for k, n in ops.counts.items() if "batch_norm" in k)  # noqa: E731
     assert bn(ref_ops) > 0
     syncs = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item")  # bool(t) / t.item() read a value back
-    assert sum(eng_ops.counts[k] for k in syncs) == 0 and bn(eng_ops) == 0
+    assert sum(eng_ops.counts[k] for k in syncs) == 0 and bn(eng_ops) == 0 and eng_ops.counts["aten.nonzero"] == 0
+    assert sum(packed_ops.counts[k] for k in syncs) == 1 and packed_ops.counts["aten.nonzero"] == 1
     # B=3 with padding: the CPU attention's head-split reshapes copy (counted: engine.opcount counts a
     # reshape/contiguous that returned new memory), ~3 per attention; at B=1 they are views (README: 0.44x)
     assert eng_ops.total <= 0.5 * ref_ops.total, (eng_ops.table(), ref_ops.total)
+    # packed: + a gather to and from the padded layout around each attention, two row gathers per k=3 conv
+    # instead of one oneDNN convolution, and the layout's index maps once per forward
+    assert packed_ops.total <= 0.6 * ref_ops.total, (packed_ops.table(), ref_ops.total)
 
 
 def test_fused_forward_has_no_graph_break(small_cfg):

@@ -120,8 +120,11 @@ def test_aoti_export_program_runs(ckpt):
     x[1][1:, 29:] = False  # shorter videos through the mask
     with torch.no_grad():
         ref, got = prepared.module(*x), program.module()(*x)
-    for r, g in zip(ref, got):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    valid = x[1]  # saliency past a sample's length is not meaningful (eager packs the clips, see engine.fused.packing)
+    for name, r, g in zip(("logits", "spans", "saliency"), ref, got):
+        if name == "saliency":
+            r, g = r[valid], g[valid]
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow

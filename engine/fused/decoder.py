@@ -51,6 +51,7 @@ from reference.span_utils import inverse_sigmoid
 from kernels.onednn import linear
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm,
                      merge_heads, residual, rows, wb, use_bmm_attention)
+from .packing import Packing, padded
 from .positions import anchor_sine, anchor_sine_constants
 
 
@@ -174,16 +175,18 @@ class FusedLoopDecoder(FusedModule):
             self.put("kpos_w", kp_w), self.put("kpos_b", kp_b)
 
     # ------------------------------------------------------------------------------------------------
-    def _memory_side(self, memory: Tensor, pos: Tensor) -> tuple[list, list, Tensor]:
+    def _memory_side(self, memory: Tensor, pos: Tensor, packing: Packing | None = None) -> tuple[list, list, Tensor]:
         """Per layer: keys (B, H, L, 2 hd) ``[k_content | k_pos]`` per head and values (B, H, L, hd), contiguous
         off CUDA (the bmm attention reads them without a copy, once per loop, k^T as a transposed view: its
         baddbmm is as fast or faster than on a (B, H, 2 hd, L)-contiguous k^T, and this cat of two head views is
         5.8x cheaper than building that one, 76 vs 441 us at B=32 bf16; the decoder 0.97-1.0x) or views of the
-        GEMM outputs on CUDA (SDPA's layout); the extra memory columns."""
-        b, l, d = memory.shape
+        GEMM outputs on CUDA (SDPA's layout); the extra memory columns. With ``packing`` memory and pos are the
+        packed clips (1, R, d) and the GEMM outputs are unpacked (:mod:`.packing`)."""
+        d = memory.shape[-1]
         h, hd = self.nhead, self.hd
-        kv = linear(memory, self.mem_w, self.mem_b)  # (B, L, 2d * n_layers + extra)
-        kp = linear(pos, self.kpos_w, self.kpos_b)  # (B, L, d * n_layers)
+        kv = padded(linear(memory, self.mem_w, self.mem_b), packing)  # (B, L, 2d * n_layers + extra)
+        kp = padded(linear(pos, self.kpos_w, self.kpos_b), packing)  # (B, L, d * n_layers)
+        b, l = kv.shape[:2]
         bmm = use_bmm_attention(memory)
         keys, values = [], []
         for i in range(self.nl):
@@ -257,11 +260,12 @@ class FusedLoopDecoder(FusedModule):
         q = q.view(2, b, nq, h, -1).permute(1, 3, 2, 0, 4).reshape(b, h, nq, -1)  # (B, H, Q, 2 hd) [content | sine]
         return self._cross(i, t1, q, key, value, vmask), new_pre
 
-    def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor, vmask: Mask | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """``vmask``: the video's attention mask if the caller already built it (shared with the fuser)."""
-        b = memory.shape[0]
-        keys, values, extra = self._memory_side(memory, pos)
+    def forward(self, memory: Tensor, pos: Tensor, vkeep: Tensor, vmask: Mask | None = None,
+                packing: Packing | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``vmask``: the video's attention mask if the caller already built it (shared with the fuser);
+        ``packing``: memory and pos are the packed clips (1, R, d) (:mod:`.packing`)."""
+        b = vkeep.shape[0]
+        keys, values, extra = self._memory_side(memory, pos, packing)
         if vmask is None:
             vmask = attention_mask(vkeep, self.nhead, memory.dtype)
         x = None

@@ -19,9 +19,12 @@ reference, all derived from its weights at build time:
   each k=3 conv is one oneDNN convolution on a prepacked kernel with ReLU (and the second one's residual
   add) in its epilogue (:func:`kernels.onednn.conv3`), else one GEMM over the three shifted inputs
   ``[x_{t-1} | x_t | x_{t+1}]`` (one strided copy of the padded input, see :class:`FusedConvBlocks`), the
-  second with the residual and bias accumulated in the same GEMM; on CUDA the fused Triton block kernel. Padded clips are zero
+  second with the residual and bias accumulated in the same GEMM; on CUDA the fused Triton block kernel; on packed
+  clips (:mod:`.packing`) one GEMM over rows gathered from each clip's neighbours. Padded clips are zero
   between blocks (the reference zeroes them before each conv), so only valid clips of the result are defined,
   as in the reference.
+* padding removed (off CUDA, :mod:`.packing`): with ``packing`` the per-clip tensors are the packed clips
+  (1, R, w); each layer's row-wise work runs on them, its attention on the padded layout.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from reference.v2t_extractor import V2TExtractor
 from kernels.onednn import addmm_t, conv3, is_tracing as _is_tracing, linear, linear_add
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
                      residual, rows, wb)
+from .packing import Packing, packed, padded
 
 
 def _ln(module) -> tuple[Tensor, Tensor]:
@@ -109,18 +113,22 @@ class FusedV2T(FusedModule):
         self.put("b", b)
 
     def forward(self, vid_ext: Tensor, txt: Tensor, txt_score: Tensor, pool_logit: Tensor, vkeep: Tensor,
-                tkeep: Tensor) -> Tensor:
+                tkeep: Tensor, packing: Packing | None = None, vid_packed: Tensor | None = None) -> Tensor:
+        """``packing`` (:mod:`.packing`): the row-wise tail runs on the packed clips, ``vid_packed`` (1, R, d) the packed
+        V' (the scores and V_t read the padded ``vid_ext``); returns (1, R, d) then."""
         b, n, d = txt.shape
         vid = vid_ext[..., :d]
         score = torch.matmul(vid_ext, txt_score.transpose(1, 2))  # (B, L, N)
         a_r = torch.softmax(masked(score, tkeep[:, None, :]), dim=2)  # over tokens
         a_c = torch.softmax(masked(score, vkeep[:, :, None]), dim=1)  # over clips
         tv = torch.matmul(a_r, torch.cat([txt, torch.matmul(a_c.transpose(1, 2), vid)], 2))  # [T_v | V_t] (B, L, 2d)
-        l = tv.shape[1]
-        prod = (vid[:, :, None, :] * tv.view(b, l, 2, d)).view(b, l, 2 * d)  # [V'*T_v | V'*V_t]
         beta = torch.softmax(masked(pool_logit, tkeep), dim=1)  # (B, N)
         pooled = torch.matmul(beta[:, None, :], txt)  # (B, 1, d)
-        x = torch.cat([vid.expand(b, l, d), tv[..., :d], prod, pooled.expand(b, l, d)], 2)  # (B, L, 5d)
+        if packing is not None:  # the clips computed: (1, R, .)
+            vid, tv, pooled = vid_packed, packing.pack(tv), packing.per_row(pooled[:, 0])
+        bb, l = tv.shape[:2]
+        prod = (vid[:, :, None, :] * tv.view(bb, l, 2, d)).view(bb, l, 2 * d)  # [V'*T_v | V'*V_t]
+        x = torch.cat([vid.expand(bb, l, d), tv[..., :d], prod, pooled.expand(bb, l, d)], 2)  # (B, L, 5d)
         return linear(x, self.w, self.b, relu=True)
 
 
@@ -175,12 +183,12 @@ class FusedT2VLayer(_FFN):
         wq, _, _, bq, _, _ = mha_wb(layer.self_attn)
         self.put("qw", wq), self.put("qb", _shift_in(wq, bq, f64(layer.self_attn.out_proj.bias) if in_shifted else None))
 
-    def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tmask: Mask) -> Tensor:
+    def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tmask: Mask, packing: Packing | None = None) -> Tensor:
         d = vid.shape[-1]
-        q = linear(vid + pos, self.qw, self.qb)
+        q = padded(linear(vid + pos, self.qw, self.qb), packing)
         h = self.nhead
         a = attention(heads(q, h), heads(kv[..., :d], h), heads(kv[..., d:], h), tmask, (d // h) ** -0.5)
-        vid = self._attn_residual(vid, a)
+        vid = self._attn_residual(vid, packed(a, packing))
         # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
         f = linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
         return layer_norm(vid + f, (self.n2w, self.n2b), self.eps2)
@@ -202,13 +210,13 @@ class FusedEncoderLayer(_FFN):
         self.put("qkw", qkw), self.put("qkb", _shift_in(qkw, qkb, s))
         self.put("vw", wv), self.put("vb", _shift_in(wv, bv, s))
 
-    def forward(self, x: Tensor, pos: Tensor, vmask: Mask) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, vmask: Mask, packing: Packing | None = None) -> Tensor:
         d = x.shape[-1]
-        qk = linear(x + pos, self.qkw, self.qkb)
-        v = linear(x, self.vw, self.vb)
+        qk = padded(linear(x + pos, self.qkw, self.qkb), packing)
+        v = padded(linear(x, self.vw, self.vb), packing)
         h = self.nhead
         a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5)
-        x = layer_norm(self._attn_residual(x, a), (self.n1w, self.n1b), self.eps1)
+        x = layer_norm(self._attn_residual(x, packed(a, packing)), (self.n1w, self.n1b), self.eps1)
         return layer_norm(residual(x, self._hidden(x), self.l2w), (self.n2w, self.n2b), self.eps2)
 
 
@@ -249,7 +257,14 @@ class FusedConvBlocks(FusedModule):
 
         return not _is_tracing() and resolve_backend(self.kernel_backend, x.device) == "triton"
 
-    def forward(self, x: Tensor, m: Tensor, vkeep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, m: Tensor, vkeep: Tensor, packing: Packing | None = None) -> Tensor:
+        """``packing`` (:mod:`.packing`): x (1, R, d) and m (1, R, 1) are the packed clips (see
+        :meth:`_packed`)."""
+        if packing is not None:
+            if not self._use_kernel(x):
+                return self._packed(x, m, packing)
+            m = vkeep[..., None].to(x.dtype)  # the Triton kernel (interpreter) reads the padded layout
+            return packing.pack(self.forward(packing.unpack(x) * m, m, vkeep))
         b, l, d = x.shape
         if self._use_kernel(x):
             from kernels.conv_block import FoldedBlock, residual_block_stack
@@ -270,6 +285,22 @@ class FusedConvBlocks(FusedModule):
                 y = linear_add(x.reshape(b * l, d), _shifted_rows(h), w2, transposed=True, bias=b2).view(b, l, d).relu_()
             x = y.mul_(m)
         return x
+
+
+    def _packed(self, x: Tensor, m: Tensor, packing: Packing) -> Tensor:
+        """The blocks on the packed clips x (1, R, d), m (1, R, 1): each conv one GEMM over the rows
+        ``[x_{t-1} | x_t | x_{t+1}]`` (:meth:`Packing.shifted`: a clip that is not valid, or outside the video,
+        reads zeros — the reference's zeroing), the second with the residual add and bias in its GEMM; each
+        block's output zeroed where not valid (as the padded path), so a residual never carries a value from
+        there."""
+        _, r, d = x.shape
+        x = x.view(r, d)
+        m = m.view(r, 1)
+        for i in range(self.n):
+            w1, b1, w2, b2 = (getattr(self, f"{n}_{i}") for n in ("w1", "b1", "w2", "b2"))
+            h = addmm_t(b1, packing.shifted(x), w1, relu=True)
+            x = linear_add(x, packing.shifted(h), w2, transposed=True, bias=b2).relu_().mul_(m)
+        return x.view(1, r, d)
 
 
 def _shifted_rows(x: Tensor) -> Tensor:
@@ -317,11 +348,15 @@ class FusedConvolutionalFuser(FusedModule):
             self.put("kpos_w", torch.cat([w for k in wk for w in (k, z)], 0) if wk else torch.zeros(0, d))
 
     def forward(self, vid_ext: Tensor, txt_ext: Tensor, pos: Tensor, pos_txt: Tensor | None, vkeep: Tensor,
-                tkeep: Tensor, vmask: Mask | None = None) -> Tensor:
-        """``vmask``: the video's attention mask if the caller already built it (it is shared with the decoder)."""
+                tkeep: Tensor, vmask: Mask | None = None, packing: Packing | None = None,
+                vid_packed: Tensor | None = None) -> Tensor:
+        """``vmask``: the video's attention mask if the caller already built it (it is shared with the decoder).
+        ``packing`` (:mod:`.packing`): the clips are packed — ``pos`` (1, R, d) and ``vid_packed`` (1, R, d + 2) the
+        packed positions and video encoder output (``vid_ext`` stays padded), R (1, R, d) returned."""
         d = pos.shape[-1]
         txt = txt_ext[..., :d]
-        x = self.v2t(vid_ext, txt, txt_ext[..., d:2 * d + 2], txt_ext[..., 2 * d + 2], vkeep, tkeep)
+        x = self.v2t(vid_ext, txt, txt_ext[..., d:2 * d + 2], txt_ext[..., 2 * d + 2], vkeep, tkeep,
+                     packing, None if vid_packed is None else vid_packed[..., :d])
         kv = txt_ext[..., 2 * d + 3:]  # (B, N, 2d * n_t2v)
         if self.use_txt_pos and len(self.t2v):
             kv = kv + linear(pos_txt, self.kpos_w)
@@ -329,11 +364,11 @@ class FusedConvolutionalFuser(FusedModule):
         if vmask is None and len(self.enc1) + len(self.enc2):
             vmask = attention_mask(vkeep, self.nhead, x.dtype)
         for i, layer in enumerate(self.t2v):
-            x = layer(x, pos, kv[..., 2 * d * i: 2 * d * (i + 1)], tmask)
+            x = layer(x, pos, kv[..., 2 * d * i: 2 * d * (i + 1)], tmask, packing)
         for layer in self.enc1:
-            x = layer(x, pos, vmask)
+            x = layer(x, pos, vmask, packing)
         m = vkeep[..., None].to(x.dtype)  # (B, L, 1)
-        x = self.conv(x * m, m, vkeep)
+        x = self.conv(x * m, m, vkeep) if packing is None else self.conv(x, packing.pack(m), vkeep, packing)
         for layer in self.enc2:
-            x = layer(x, pos, vmask)
+            x = layer(x, pos, vmask, packing)
         return x

@@ -6,7 +6,8 @@
 
 Same inputs and outputs as the reference's eval forward (minus ``aux_outputs``); see each component's module
 for what it computes differently: :mod:`.fuser` (encoders, V2T, T2V, encoder stacks, conv blocks),
-:mod:`.decoder` (Loop Decoder), :mod:`.heads`, :mod:`.positions`. It defines no structure or
+:mod:`.decoder` (Loop Decoder), :mod:`.heads`, :mod:`.positions`; off CUDA a padded batch runs its per-clip work
+on the clips some valid output reads only (:mod:`.packing`). It defines no structure or
 hyper-parameter of its own: every size, count and constant is read from the reference modules.
 
 Half precision is native: :meth:`FusedLDDETR.to_dtype` stores weights and activations in bf16/fp16 (LayerNorm,
@@ -27,6 +28,7 @@ from .common import FusedModule, attention_mask, f64
 from .decoder import FusedLoopDecoder
 from .fuser import FusedConvolutionalFuser, FusedUnimodalEncoder, text_extra, video_extra
 from .heads import FusedHighlightDetectionHead, FusedMomentRetrievalHead, saliency_rows
+from .packing import Packing
 from .positions import SineTable
 
 
@@ -95,13 +97,24 @@ class FusedLDDETR(FusedModule):
         if text.dtype != self.dtype:
             text = text.to(self.dtype)
         b, l = text.shape[0], video.shape[1]
-        vid_ext = self.video_encoder(video)  # (Bv, L, d + 2) [V' | V'wC | 1]
-        txt_ext = self.text_encoder(text)  # (B, N, ...) see fuser.text_extra
         lengths = vkeep.sum(1)  # (Bv,)
+        # padding removed off CUDA: the per-clip work runs on the clips some valid output reads (see .packing)
+        packing = Packing.of(*((vkeep, lengths) if video.shape[0] == b else (vkeep.expand(b, -1), lengths.expand(b))))
+        if packing is not None and video.shape[0] == b:
+            vid_packed = self.video_encoder(packing.pack(video))  # (1, R, d + 2)
+            vid_ext = packing.unpack(vid_packed)
+        else:
+            vid_ext = self.video_encoder(video)  # (Bv, L, d + 2) [V' | V'wC | 1]
+            vid_packed = None
+        txt_ext = self.text_encoder(text)  # (B, N, ...) see fuser.text_extra
         pos = self.position(lengths, l, self.dtype)  # (Bv, L, d)
         if video.shape[0] != b:  # one video, several queries: the video side is encoded once
             vid_ext, vkeep, pos = vid_ext.expand(b, -1, -1), vkeep.expand(b, -1), pos.expand(b, -1, -1)
             lengths = lengths.expand(b)
+        if packing is not None:
+            pos = packing.pack(pos)  # (1, R, d)
+            if vid_packed is None:
+                vid_packed = packing.pack(vid_ext)
         pos_txt = None
         if cfg.use_txt_pos:
             n, d = text.shape[1], self.d
@@ -112,8 +125,8 @@ class FusedLDDETR(FusedModule):
             vmask_fuser = attention_mask(vkeep, self.fuser.nhead, self.dtype)
         else:
             vmask_fuser = vmask
-        memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep, vmask_fuser)  # R (B, L, d)
-        hs, inv, r2 = self.decoder(memory, pos, vkeep, vmask)  # inv: inverse_sigmoid of the last layer's input reference
+        memory = self.fuser(vid_ext, txt_ext, pos, pos_txt, vkeep, tkeep, vmask_fuser, packing, vid_packed)  # R (B, L, d) / (1, R', d)
+        hs, inv, r2 = self.decoder(memory, pos, vkeep, vmask, packing)  # inv: the last layer's input ref, inverse_sigmoid
         logits, spans = self.mr_head(hs, inv)
         saliency = self.hd_head(logits, spans, vid_ext[..., :self.d], r2, lengths)
         return {"pred_logits": logits, "pred_spans": spans, "saliency_scores": saliency, "video_mask": vkeep}
