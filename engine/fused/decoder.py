@@ -51,7 +51,7 @@ from reference.span_utils import inverse_sigmoid
 from kernels.onednn import linear
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm,
                      merge_heads, residual, rows, wb, use_bmm_attention)
-from .packing import Packing, padded
+from .packing import Packing, to_padded
 from .positions import anchor_sine, anchor_sine_constants
 
 
@@ -184,8 +184,8 @@ class FusedLoopDecoder(FusedModule):
         packed clips (1, R, d) and the GEMM outputs are unpacked (:mod:`.packing`)."""
         d = memory.shape[-1]
         h, hd = self.nhead, self.hd
-        kv = padded(linear(memory, self.mem_w, self.mem_b), packing)  # (B, L, 2d * n_layers + extra)
-        kp = padded(linear(pos, self.kpos_w, self.kpos_b), packing)  # (B, L, d * n_layers)
+        kv = to_padded(linear(memory, self.mem_w, self.mem_b), packing)  # (B, L, 2d * n_layers + extra)
+        kp = to_padded(linear(pos, self.kpos_w, self.kpos_b), packing)  # (B, L, d * n_layers)
         b, l = kv.shape[:2]
         bmm = use_bmm_attention(memory)
         keys, values = [], []

@@ -42,7 +42,7 @@ from reference.v2t_extractor import V2TExtractor
 from kernels.onednn import addmm_t, conv3, is_tracing as _is_tracing, linear, linear_add
 from .common import (FusedModule, Mask, attention, attention_mask, chain, f64, heads, layer_norm, masked, mha_wb,
                      residual, rows, wb)
-from .packing import Packing, packed, padded
+from .packing import Packing, to_padded, to_rows
 
 
 def _ln(module) -> tuple[Tensor, Tensor]:
@@ -185,10 +185,10 @@ class FusedT2VLayer(_FFN):
 
     def forward(self, vid: Tensor, pos: Tensor, kv: Tensor, tmask: Mask, packing: Packing | None = None) -> Tensor:
         d = vid.shape[-1]
-        q = padded(linear(vid + pos, self.qw, self.qb), packing)
+        q = to_padded(linear(vid + pos, self.qw, self.qb), packing)
         h = self.nhead
         a = attention(heads(q, h), heads(kv[..., :d], h), heads(kv[..., d:], h), tmask, (d // h) ** -0.5)
-        vid = self._attn_residual(vid, packed(a, packing))
+        vid = self._attn_residual(vid, to_rows(a, packing))
         # the FFN reads LN1(x) but its residual adds the un-normalised x (as the reference layer)
         f = linear(self._hidden(layer_norm(vid, (self.n1w, self.n1b), self.eps1)), self.l2w, self.l2b)
         return layer_norm(vid + f, (self.n2w, self.n2b), self.eps2)
@@ -212,11 +212,11 @@ class FusedEncoderLayer(_FFN):
 
     def forward(self, x: Tensor, pos: Tensor, vmask: Mask, packing: Packing | None = None) -> Tensor:
         d = x.shape[-1]
-        qk = padded(linear(x + pos, self.qkw, self.qkb), packing)
-        v = padded(linear(x, self.vw, self.vb), packing)
+        qk = to_padded(linear(x + pos, self.qkw, self.qkb), packing)
+        v = to_padded(linear(x, self.vw, self.vb), packing)
         h = self.nhead
         a = attention(heads(qk[..., :d], h), heads(qk[..., d:], h), heads(v, h), vmask, (d // h) ** -0.5)
-        x = layer_norm(self._attn_residual(x, packed(a, packing)), (self.n1w, self.n1b), self.eps1)
+        x = layer_norm(self._attn_residual(x, to_rows(a, packing)), (self.n1w, self.n1b), self.eps1)
         return layer_norm(residual(x, self._hidden(x), self.l2w), (self.n2w, self.n2b), self.eps2)
 
 
@@ -259,10 +259,10 @@ class FusedConvBlocks(FusedModule):
 
     def forward(self, x: Tensor, m: Tensor, vkeep: Tensor, packing: Packing | None = None) -> Tensor:
         """``packing`` (:mod:`.packing`): x (1, R, d) and m (1, R, 1) are the packed clips (see
-        :meth:`_packed`)."""
+        :meth:`_on_rows`)."""
         if packing is not None:
             if not self._use_kernel(x):
-                return self._packed(x, m, packing)
+                return self._on_rows(x, m, packing)
             m = vkeep[..., None].to(x.dtype)  # the Triton kernel (interpreter) reads the padded layout
             return packing.pack(self.forward(packing.unpack(x) * m, m, vkeep))
         b, l, d = x.shape
@@ -287,7 +287,7 @@ class FusedConvBlocks(FusedModule):
         return x
 
 
-    def _packed(self, x: Tensor, m: Tensor, packing: Packing) -> Tensor:
+    def _on_rows(self, x: Tensor, m: Tensor, packing: Packing) -> Tensor:
         """The blocks on the packed clips x (1, R, d), m (1, R, 1): each conv one GEMM over the rows
         ``[x_{t-1} | x_t | x_{t+1}]`` (:meth:`Packing.shifted`: a clip that is not valid, or outside the video,
         reads zeros — the reference's zeroing), the second with the residual add and bias in its GEMM; each

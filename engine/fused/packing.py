@@ -120,11 +120,11 @@ class Packing:
         return x.index_select(0, torch.div(self.index, self.l, rounding_mode="floor")).view(1, self.count, -1)
 
 
-def padded(x: Tensor, packing: Packing | None) -> Tensor:
+def to_padded(x: Tensor, packing: Packing | None) -> Tensor:
     """x in the padded layout (B, L, w): unpacked if ``packing`` is set, else x itself."""
     return x if packing is None else packing.unpack(x)
 
 
-def packed(x: Tensor, packing: Packing | None) -> Tensor:
+def to_rows(x: Tensor, packing: Packing | None) -> Tensor:
     """x in the layout the row-wise ops run in: (1, R, w) packed if ``packing`` is set, else x itself."""
     return x if packing is None else packing.pack(x)
