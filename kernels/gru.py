@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ._utils import BACKENDS, KernelInputError, check_tensor, derived, resolve_backend
-from .onednn import _eligible, linear, packed
+from .onednn import linear, packed_for
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -156,7 +156,7 @@ def _packed_hh(h: Tensor, w_hh: Tensor) -> Tensor | None:
     """W_hh oneDNN-packed in its own dtype for the product with the (k, H) fp32 state h, or None where that path
     does not apply (see :mod:`kernels.onednn`; then fp32 ``addmm``)."""
     x = h if h.dtype == w_hh.dtype else h.new_empty(h.shape, dtype=w_hh.dtype)  # its dtype is all that is read
-    return packed(w_hh) if _eligible(x, w_hh) else None
+    return packed_for(x, w_hh)
 
 
 def gru_recurrence_torch(gi: Tensor, w_hh: Tensor, b_hh: Tensor, lengths: list[int], *,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +42,20 @@ FP32_MIN_PACKED_WORK = 32 * 256 * 256  # ... smaller ones (both dims >= 64) from
 _state = {"enabled": os.environ.get("LDDETR_ONEDNN", "1") not in ("0", ""), "checked": False}
 
 
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)  # torch < 2.7 has none
+
+
 def is_tracing() -> bool:
     """Inside torch.compile / torch.export tracing (the packed ops are eager-only)."""
-    fn = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or bool(fn and fn())
+    return _is_compiling() or _is_exporting()
 
 
 def set_packing(enabled: bool) -> None:
     """Turn the prepacked oneDNN path on or off (process-wide; the default is on where oneDNN supports it)."""
     _state["enabled"], _state["checked"] = bool(enabled), False
     clear_derived("onednn")
+    _admitted.clear()
 
 
 #: what a CPU needs for oneDNN's fast half-precision kernels (fp32 needs nothing)
@@ -81,14 +86,44 @@ def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
     return _state["enabled"] and _state["dtypes"][dtype]
 
 
-def _eligible(x: Tensor, w: Tensor) -> bool:
-    if is_tracing():  # first: dynamo cannot trace is_inference()
-        return False
-    return (w.dtype in PACK_DTYPES and x.dtype == w.dtype and x.device.type == "cpu" and w.dim() == 2
-            and (w.dtype != torch.float32 or _fp32_pays(x, w))
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and not w.is_inference()  # no version counter: an in-place write could not be seen
-            and packing_enabled(w.dtype))
+#: (id(w), kind) -> [weakref to w, w._version, packable, whether fp32 rows decide, the packed copy once made]: the
+#: checks on the weight alone, made once per weight (a wrapper call costs ~1 us instead of ~5: ~90 GEMMs a forward)
+_admitted: dict = {}
+
+
+def _packed_for(x: Tensor, w: Tensor, kind, make) -> Tensor | None:
+    """The packed copy of w (``make(w)``, cached per ``kind``, made on the first call that uses it) for the GEMM
+    with x, or None where the plain path runs: tracing, x not w's dtype or not on the CPU, autograd recording, a
+    weight that is not a 2-D float/bf16/fp16 CPU tensor or has no version counter (made under inference mode:
+    an in-place write could not be seen), packing off or unsupported, or an fp32 GEMM too small to pay
+    (:func:`_fp32_pays`)."""
+    if _is_compiling() or _is_exporting():  # first: dynamo cannot trace is_inference()
+        return None
+    hit = _admitted.get((id(w), kind))
+    if hit is None or hit[0]() is not w or hit[1] != w._version:
+        hit = _admit(w, kind)
+    if not hit[2] or x.dtype != w.dtype or not x.is_cpu:
+        return None
+    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        return None
+    if hit[3] and not _fp32_pays(x, w):
+        return None
+    if hit[4] is None:
+        hit[4] = _pack(w, kind, make)  # None if packing failed (then it is off, and this entry gone)
+    return hit[4]
+
+
+def _admit(w: Tensor, kind) -> list:
+    """The weight-only checks of :func:`_packed_for` (entry cached while w lives unmodified)."""
+    ok = w.dtype in PACK_DTYPES and w.is_cpu and w.dim() == 2 and packing_enabled(w.dtype)
+    if w.is_inference() or not ok:
+        return [None, None, False, False, None]  # not cached: checked again next call (is_inference: no _version)
+    entry = [weakref.ref(w), w._version, True, w.dtype == torch.float32 and w.numel() <= FP32_MIN_PACKED, None]
+    key = (id(w), kind)
+    if key not in _admitted:
+        weakref.finalize(w, _admitted.pop, key, None)
+    _admitted[key] = entry
+    return entry
 
 
 def _fp32_pays(x: Tensor, w: Tensor) -> bool:
@@ -117,27 +152,37 @@ def _pack(w: Tensor, kind, make) -> Tensor | None:
     except Exception as e:  # an unsupported dtype / build: plain GEMMs from now on
         warnings.warn(f"oneDNN weight packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
         _state["enabled"] = False
+        _admitted.clear()
         return None
+
+
+def _reorder_t(w: Tensor) -> Tensor:
+    return _reorder(w.t())
 
 
 def packed(w: Tensor, transposed: bool = False) -> Tensor | None:
     """The oneDNN-reordered copy of W (``transposed``: of ``w.t()``, for weights stored as W^T), or None if
     packing failed (then it is off for the process)."""
-    return _pack(w, transposed, lambda t: _reorder(t.t() if transposed else t))
+    return _pack(w, transposed, _reorder_t if transposed else _reorder)
+
+
+def packed_for(x: Tensor, w: Tensor, transposed: bool = False) -> Tensor | None:
+    """:func:`packed` W for the GEMM with x where the packed path applies to them (see :func:`_packed_for`), else
+    None."""
+    return _packed_for(x, w, transposed, _reorder_t if transposed else _reorder)
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
            prelu: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)``, then ReLU (``relu``) or PReLU (``prelu``: its weight): x (..., K), w (N, K) ->
     (..., N). A one-parameter PReLU is oneDNN's ``leaky_relu`` epilogue (the same values: x if x > 0 else a x)."""
-    if _eligible(x, w):
-        p = packed(w)
-        if p is not None:
-            if prelu is not None and prelu.numel() == 1:  # its value read once (derived: no .item() per call)
-                alpha = derived(prelu, ("prelu_alpha",), lambda t: t.item())
-                return torch.ops.mkldnn._linear_pointwise(x, p, b, "leaky_relu", [alpha], "")
-            y = torch.ops.mkldnn._linear_pointwise(x, p, b, "relu" if relu else "none", [], "")
-            return y if prelu is None else F.prelu(y, prelu)
+    p = _packed_for(x, w, False, _reorder)
+    if p is not None:
+        if prelu is not None and prelu.numel() == 1:  # its value read once (derived: no .item() per call)
+            alpha = derived(prelu, ("prelu_alpha",), lambda t: t.item())
+            return torch.ops.mkldnn._linear_pointwise(x, p, b, "leaky_relu", [alpha], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, p, b, "relu" if relu else "none", [], "")
+        return y if prelu is None else F.prelu(y, prelu)
     y = F.linear(x, w, b)
     if prelu is not None:
         return F.prelu(y, prelu)
@@ -146,10 +191,9 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
 
 def addmm_t(bias: Tensor, x: Tensor, wt: Tensor, relu: bool = False) -> Tensor:
     """``addmm(bias, x, wt)`` (then ReLU) for a weight stored transposed: x (M, K), wt (K, N) -> (M, N)."""
-    if _eligible(x, wt):
-        p = packed(wt, transposed=True)
-        if p is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, p, bias, "relu" if relu else "none", [], "")
+    p = _packed_for(x, wt, True, _reorder_t)
+    if p is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, p, bias, "relu" if relu else "none", [], "")
     y = torch.addmm(bias, x, wt)
     return y.relu_() if relu else y
 
@@ -158,10 +202,9 @@ def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False, bi
     """``other + x @ w^T (+ bias)`` (``transposed``: w is stored as W^T) as one GEMM: prepacked with the add in
     its epilogue, or one ``addmm`` (+ the bias). x (..., K), other (..., N) of the output's shape (any strides),
     bias (N,) -> (..., N)."""
-    if _eligible(x, w):
-        p = packed(w, transposed)
-        if p is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, bias, "add")
+    p = _packed_for(x, w, transposed, _reorder_t if transposed else _reorder)
+    if p is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, bias, "add")
     k, n = x.shape[-1], other.shape[-1]
     y = torch.addmm(other.reshape(-1, n), x.reshape(-1, k), w if transposed else w.t())
     if bias is not None:
@@ -183,9 +226,7 @@ def conv3(x: Tensor, wt: Tensor, bias: Tensor, residual: Tensor | None = None) -
     weight stored as the (3 C_in, C_out) GEMM matrix over ``[x_{t-1} | x_t | x_{t+1}]`` (row k C_in + c =
     W[o, c, k]). (B, L, C) contiguous is (B, C, 1, L) channels-last, the layout oneDNN reads and writes
     without a copy, so this replaces the GEMM path's strided copy of the shifted inputs as well."""
-    if not _eligible(x, wt):
-        return None
-    w = _pack(wt, "conv3", _conv3_weight)
+    w = _packed_for(x, wt, "conv3", _conv3_weight)
     if w is None:
         return None
     x4 = x.contiguous().transpose(1, 2)[:, :, None, :]  # (B, C_in, 1, L) channels-last view
