@@ -15,7 +15,7 @@ column softmax masks it. So in the padded layout those positions may hold any fi
 fills each with the packed row just before it (a copy of a real row: finite), and outputs there are not
 meaningful (as in the reference; consumers read ``saliency[b, :length]``).
 
-    packing = Packing.of(vkeep)      # None when there is nothing to skip (or on CUDA / while tracing)
+    packing = Packing.of(vkeep)   # None when there is little to skip (or on CUDA / while tracing)
     x = packing.pack(x_padded)    # (B, L, w) -> (1, R, w)
     y = packing.unpack(x)         # (1, R, w) -> (B, L, w)
 
@@ -30,8 +30,9 @@ from torch import Tensor
 
 from kernels.onednn import is_tracing
 
-#: pack only when at least this fraction of the batch's clips is skipped: below it the gathers (~1-2 % of a
-#: forward) cost about what the skipped rows save
+#: pack only when at least this fraction of the batch's clips is skipped: below it the gathers cost about what
+#: the skipped rows save (B=32 bf16, 2 threads: an unpadded batch forced through it 1.04x slower, 7 % of the
+#: clips skipped 1.02x faster, the benchmark's 24.5 % 1.13x)
 MIN_SKIPPED = 1 / 16
 _enabled = [True]
 
