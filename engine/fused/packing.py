@@ -31,7 +31,7 @@ from torch import Tensor
 from kernels.onednn import is_tracing
 
 #: pack only when at least this fraction of the batch's clips is skipped: below it the gathers cost about what
-#: the skipped rows save (B=32 bf16, 2 threads: an unpadded batch forced through it 1.04x slower, 7 % of the
+#: the skipped rows save (B=32 bf16, 2 threads: an unpadded batch forced through it 1.03x slower, 7 % of the
 #: clips skipped 1.02x faster, the benchmark's 24.5 % 1.13x)
 MIN_SKIPPED = 1 / 16
 _enabled = [True]
