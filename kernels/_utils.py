@@ -35,12 +35,12 @@ def derived(w: Tensor, tag: Hashable, make: Callable[[Tensor], Any]) -> Any:
     made outside inference mode, so that a derived tensor (the GRU's rescaled W_hh) can itself be the source of
     derived copies (its packed or blocked layouts) when the caller runs under ``torch.inference_mode``. Eager
     only (not inside torch.compile / export tracing)."""
-    if w.is_inference():
-        return make(w)
     key = (id(w), tag)
     hit = _derived.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
+    if hit is not None and hit[0]() is w and hit[1] == w._version:  # a cached tensor is never an inference one
         return hit[2]
+    if w.is_inference():
+        return make(w)
     with torch.inference_mode(False):  # a normal tensor even under inference mode: it can key derived copies of its own
         out = make(w)
     if hit is None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ def set_packing(enabled: bool) -> None:
     """Turn the prepacked oneDNN path on or off (process-wide; the default is on where oneDNN supports it)."""
     _state["enabled"], _state["checked"] = bool(enabled), False
     clear_derived("onednn")
-    _admitted.clear()
+    clear_derived("onednn_admit")
 
 
 #: what a CPU needs for oneDNN's fast half-precision kernels (fp32 needs nothing)
@@ -86,44 +85,32 @@ def packing_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
     return _state["enabled"] and _state["dtypes"][dtype]
 
 
-#: (id(w), kind) -> [weakref to w, w._version, packable, whether fp32 rows decide, the packed copy once made]: the
-#: checks on the weight alone, made once per weight (a wrapper call costs ~1 us instead of ~5: ~90 GEMMs a forward)
-_admitted: dict = {}
-
-
 def _packed_for(x: Tensor, w: Tensor, kind, make) -> Tensor | None:
     """The packed copy of w (``make(w)``, cached per ``kind``, made on the first call that uses it) for the GEMM
     with x, or None where the plain path runs: tracing, x not w's dtype or not on the CPU, autograd recording, a
     weight that is not a 2-D float/bf16/fp16 CPU tensor or has no version counter (made under inference mode:
     an in-place write could not be seen), packing off or unsupported, or an fp32 GEMM too small to pay
-    (:func:`_fp32_pays`)."""
+    (:func:`_fp32_pays`). The checks on the weight alone are made once per weight (:func:`_admission`, a
+    :func:`~kernels._utils.derived` entry): a wrapped GEMM costs ~2 us over the raw op instead of ~5."""
     if _is_compiling() or _is_exporting():  # first: dynamo cannot trace is_inference()
         return None
-    hit = _admitted.get((id(w), kind))
-    if hit is None or hit[0]() is not w or hit[1] != w._version:
-        hit = _admit(w, kind)
-    if not hit[2] or x.dtype != w.dtype or not x.is_cpu:
+    entry = derived(w, ("onednn_admit", kind), _admission)
+    if not entry[0] or x.dtype != w.dtype or not x.is_cpu:
         return None
     if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
         return None
-    if hit[3] and not _fp32_pays(x, w):
+    if entry[1] and not _fp32_pays(x, w):
         return None
-    if hit[4] is None:
-        hit[4] = _pack(w, kind, make)  # None if packing failed (then it is off, and this entry gone)
-    return hit[4]
+    if entry[2] is None:
+        entry[2] = _pack(w, kind, make)  # None if packing failed (then it is off, and the entries gone)
+    return entry[2]
 
 
-def _admit(w: Tensor, kind) -> list:
-    """The weight-only checks of :func:`_packed_for` (entry cached while w lives unmodified)."""
-    ok = w.dtype in PACK_DTYPES and w.is_cpu and w.dim() == 2 and packing_enabled(w.dtype)
-    if w.is_inference() or not ok:
-        return [None, None, False, False, None]  # not cached: checked again next call (is_inference: no _version)
-    entry = [weakref.ref(w), w._version, True, w.dtype == torch.float32 and w.numel() <= FP32_MIN_PACKED, None]
-    key = (id(w), kind)
-    if key not in _admitted:
-        weakref.finalize(w, _admitted.pop, key, None)
-    _admitted[key] = entry
-    return entry
+def _admission(w: Tensor) -> list:
+    """[packable, whether the fp32 row count decides, the packed copy once made] for weight w."""
+    ok = (not w.is_inference() and w.dtype in PACK_DTYPES and w.is_cpu and w.dim() == 2
+          and packing_enabled(w.dtype))
+    return [ok, ok and w.dtype == torch.float32 and w.numel() <= FP32_MIN_PACKED, None]
 
 
 def _fp32_pays(x: Tensor, w: Tensor) -> bool:
@@ -152,7 +139,7 @@ def _pack(w: Tensor, kind, make) -> Tensor | None:
     except Exception as e:  # an unsupported dtype / build: plain GEMMs from now on
         warnings.warn(f"oneDNN weight packing unavailable ({type(e).__name__}: {e}); using plain GEMMs")
         _state["enabled"] = False
-        _admitted.clear()
+        clear_derived("onednn_admit")
         return None
 
 

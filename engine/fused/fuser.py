@@ -286,7 +286,6 @@ class FusedConvBlocks(FusedModule):
             x = y.mul_(m)
         return x
 
-
     def _on_rows(self, x: Tensor, m: Tensor, packing: Packing) -> Tensor:
         """The blocks on the packed clips x (1, R, d), m (1, R, 1): each conv one GEMM over the rows
         ``[x_{t-1} | x_t | x_{t+1}]`` (:meth:`Packing.shifted`: a clip that is not valid, or outside the video,
