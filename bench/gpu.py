@@ -14,6 +14,7 @@ after every stage (``gpu_<card>_<date>.json`` and ``.md``), so a run cut short k
    text) and B=1; the bf16 engine vs the reference fp32 and vs the reference under the same autocast.
 3. Latency B=1 (T=75, N=32) and throughput B=256, bf16 and fp32 with TF32: reference eager, engine
    eager, engine + CUDA graph; later the compiled engine (``compile="model"``), with and without the graph.
+   Device kernels per B=1 bf16 forward (torch.profiler, kernels only) for the eager and the compiled engine.
 4. A B=32 training step: reference eager loop vs ``engine.train.train_step`` eager and under
    ``torch.compile(dynamic=True)`` (what ``python -m engine.train --compile`` runs).
 5. AOTInductor package (``export.backends.export_aoti`` on CUDA) vs the compiled engine.
@@ -51,6 +52,7 @@ GOALS = {  # issue #5 / #7 goals on an H100 (ms, videos/s)
     "latency_b1_tf32_ms": 0.40,
     "throughput_b256_bf16_vps": 250_000,
     "train_step_b32_compiled_ms": 3.0,
+    "kernels_b1_bf16": 150,  # issue #12: device kernels per B=1 forward (the profile stages)
 }
 KEYS = ("pred_logits", "pred_spans", "saliency_scores")
 
@@ -206,22 +208,28 @@ class Run:
                                      "engine_graph": lambda: graph(*x)}, batch=1, dtype=dtype, rounds=4 * self.rounds,
                       extra=dict(graphs_captured=graph.num_graphs))
 
-    def profile(self, dtype: str = "bf16") -> None:
-        """Where the B=1 GPU time goes: torch.profiler over eager engine calls, kernels grouped by name and by
-        the model's top-level components (record_function ranges from forward hooks)."""
+    def profile(self, dtype: str = "bf16", compiled: bool = False) -> None:
+        """Where the B=1 GPU time goes: torch.profiler over engine calls, device kernels grouped by name; for the
+        eager engine also by the model's top-level components (record_function ranges from forward hooks). With
+        ``compiled`` the compiled engine of the ``compiled_b1_<dtype>`` stage, without its CUDA graph (inductor's
+        fused kernels counted one by one; the hooks are left out, they would retrace the compiled forward)."""
         from torch.profiler import ProfilerActivity, profile, record_function
 
         dt_ = torch.bfloat16 if dtype == "bf16" else torch.float32
-        eng = self.engine(dt_, cuda_graphs=False)
-        model = eng.model
-        parts = list(model.named_children())  # the fused model's components (engine.fused)
-        parts += [(f"fuser.{n}", m) for n, m in model.fuser.named_children()]
+        key = "profile_compiled" if compiled else "profile"
         handles, stack = [], []
-        for name, mod in parts:
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, name=name: stack.append(record_function("part::" + name).__enter__())))
-            handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop().__exit__(None, None, None)))
-        x = self.inputs(1)
+        if compiled:
+            eng = self.state[f"compiled_{dtype}_1"][0]  # KeyError: the compiled stage did not run
+        else:
+            eng = self.engine(dt_, cuda_graphs=False)
+            model = eng.model
+            parts = list(model.named_children())  # the fused model's components (engine.fused)
+            parts += [(f"fuser.{n}", m) for n, m in model.fuser.named_children()]
+            for name, mod in parts:
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, a, name=name: stack.append(record_function("part::" + name).__enter__())))
+                handles.append(mod.register_forward_hook(lambda m, a, o: stack.pop().__exit__(None, None, None)))
+        x = self.inputs(1, seed=3) if compiled else self.inputs(1)  # the compiled stage's shapes: no recompile
         with precision("tf32"):
             for _ in range(3):
                 eng(*x)
@@ -242,10 +250,12 @@ class Run:
         top = [dict(name=e.key[:90], calls_per_forward=e.count / 5, us_per_forward=self_dev(e) / 5) for e in kernels[:25]]
         comps = [dict(part=e.key[6:], calls=e.count / 5, device_us_per_forward=dev(e) / 5, cpu_us_per_forward=
                       e.cpu_time_total / 5) for e in ev if e.key.startswith("part::")]
-        self.res["profile"] = dict(dtype=dtype, batch=1, device_us_per_forward=total, kernels_per_forward=n_kernels,
-                                   top=top, parts=sorted(comps, key=lambda c: -c["device_us_per_forward"]))
-        print(f"  profile B1 {dtype}: {total:.0f} us device time, {n_kernels:.0f} device kernels per forward", flush=True)
-        for c in self.res["profile"]["parts"]:
+        self.res[key] = dict(dtype=dtype, batch=1, device_us_per_forward=total, kernels_per_forward=n_kernels,
+                             top=top, parts=sorted(comps, key=lambda c: -c["device_us_per_forward"]))
+        what = "compiled engine" if compiled else "eager engine"
+        print(f"  {key} B1 {dtype} ({what}): {total:.0f} us device time, {n_kernels:.0f} device kernels per forward",
+              flush=True)
+        for c in self.res[key]["parts"]:
             print(f"    {c['part']:<48} {c['device_us_per_forward']:8.1f} us  cpu {c['cpu_us_per_forward']:8.1f} us")
         for t in top[:12]:
             print(f"    {t['name']:<70} x{t['calls_per_forward']:<5.0f} {t['us_per_forward']:8.1f} us")
@@ -379,6 +389,10 @@ class Run:
         with contextlib.suppress(ValueError):
             name, ms = self.best("train_step_compiled", "tf32", 2 if self.smoke else 32, prefix="engine_compiled")
             self.goal("train_step_b32_compiled_ms", ms, name)
+        counts = [(self.res[k]["kernels_per_forward"], name) for k, name in
+                  (("profile", "engine"), ("profile_compiled", "engine_compiled")) if k in self.res]
+        if counts and self.device == "cuda":  # the CPU smoke run records no device kernels
+            self.goal("kernels_b1_bf16", *min(counts))
 
     # -- output ----------------------------------------------------------------------------------------------
     def write(self, quiet: bool = False) -> None:
@@ -451,6 +465,7 @@ def main(argv=None) -> int:
         ("profile_b1_bf16", 15, lambda: run.profile("bf16")),
         ("train_step", 25, lambda: run.training(compiled=False)),
         ("compiled_b1_bf16", 80, lambda: run.compiled("bf16", 1)),
+        ("profile_compiled_b1_bf16", 10, lambda: run.profile("bf16", compiled=True)),
         ("compiled_b1_tf32", 70, lambda: run.compiled("tf32", 1)),
         ("train_step_compiled", 120, lambda: run.training(compiled=True)),
         ("aoti", 120, run.aoti),
