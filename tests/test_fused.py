@@ -69,6 +69,16 @@ def test_fused_every_preset_full_size(strict_fp32, fresh_seed, preset):
         compare_to_reference(model, batch, model(*batch), fused(*batch), 1e-5)
 
 
+def test_one_clip_videos(strict_fp32, fresh_seed, small_cfg):
+    """Videos of a single clip (unpadded batches, so the padded layout and its oneDNN convolutions run: the
+    residual convolution takes the GEMM there, torch 2.11's oneDNN fails at width 1) against the reference."""
+    model, fused = _models(small_cfg)
+    for lengths, texts in (([1], [4]), ([1, 1, 1], [3, 9, 1])):
+        batch = random_batch(small_cfg, lengths, texts)
+        with torch.no_grad():
+            compare_to_reference(model, batch, model(*batch), fused(*batch), 1e-5)
+
+
 def test_one_video_several_queries(strict_fp32, fresh_seed, small_cfg):
     """A (1, T, Dv) video against B queries: the video side is encoded once, each query gets the same
     answer as the video repeated B times (and as the reference on the repeated batch). The same answer to

@@ -151,7 +151,8 @@ def test_fused_fp32_runs_packed_gemms_for_large_weights(fresh_seed, small_cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv3_matches_conv1d(fresh_seed, dtype):
     """onednn.conv3: relu(conv1d(x, W, b, padding=1) (+ residual)) over (B, L, C) activations at odd sizes
-    (L = 1, 2, 37) against float64 conv1d; small fp32 weights return None (the GEMM path)."""
+    (L = 1, 2, 37) against float64 conv1d; small fp32 weights and the one-clip residual form (torch 2.11's oneDNN
+    fails there) return None (the GEMM path)."""
     c_in, c_out = 160, 152  # 3 * 160 * 152 > FP32_MIN_PACKED
     w = torch.randn(c_out, c_in, 3, dtype=torch.float64) / (3 * c_in) ** 0.5
     b = torch.randn(c_out, dtype=torch.float64)
@@ -164,7 +165,11 @@ def test_conv3_matches_conv1d(fresh_seed, dtype):
             y = onednn.conv3(x.to(dtype), wt.to(dtype), b.to(dtype))
             y_res = onednn.conv3(x.to(dtype), wt.to(dtype), b.to(dtype), residual=r.to(dtype))
         assert y.shape == (bsz, length, c_out) and y.is_contiguous() and y.dtype == dtype
-        assert rel(y, conv.relu()) < tol and rel(y_res, (conv + r).relu()) < tol
+        assert rel(y, conv.relu()) < tol
+        if length == 1:
+            assert y_res is None
+        else:
+            assert rel(y_res, (conv + r).relu()) < tol
     with torch.no_grad():
         small = torch.randn(3 * 16, 16)
         assert onednn.conv3(torch.randn(1, 5, 16), small, torch.randn(16)) is None

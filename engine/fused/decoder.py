@@ -246,7 +246,7 @@ class FusedLoopDecoder(FusedModule):
         else:
             delta = linear(bb, self.bb3_w, self.bb3_b)
             inv = self.inv0 if i == 1 else _inverse_of_sigmoid(pre)
-            new_pre = (delta.float() if half else delta) + inv
+            new_pre = delta + inv  # fp32: a half delta is promoted inside the add (exact, no cast op)
         new_ref = new_pre.sigmoid()  # (B, Q, 2) this layer's reference
         sine = anchor_sine(new_ref, self.freq, self.phase)  # (B, Q, d) fp32
         scale = (rah.float() if half else rah).sigmoid() / new_ref[..., 1:2]

@@ -44,9 +44,7 @@ class FusedMomentRetrievalHead(FusedModule):
     def forward(self, hs: Tensor, inv_ref: Tensor) -> tuple[Tensor, Tensor]:
         y = linear(hs, self.w1, self.b1)  # [logits | span hidden]
         s = linear(linear(y[..., 2:].relu(), self.w2, self.b2, relu=True), self.w3, self.b3)
-        if s.dtype != torch.float32:
-            s = s.float()
-        return y[..., :2], (s + inv_ref).sigmoid()
+        return y[..., :2], (s + inv_ref).sigmoid()  # fp32: a half s is promoted inside the add (exact)
 
 
 def saliency_rows(head: HighlightDetectionHead) -> tuple[Tensor, Tensor]:
@@ -63,6 +61,7 @@ class FusedHighlightDetectionHead(FusedModule):
 
     replaces = "reference.heads.HighlightDetectionHead"
     kernel_backend: str = "auto"
+    keep_fp32 = ("cxw_to_xx",)  # the slice bounds are computed in fp32
 
     def __init__(self, head: HighlightDetectionHead):
         super().__init__()
@@ -78,10 +77,10 @@ class FusedHighlightDetectionHead(FusedModule):
     def slice_bounds(self, logits: Tensor, spans: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """The top-1 moment's clip range [start, stop) per sample (values of reference.heads.top1_slice_bounds)."""
         b = logits.shape[0]
-        best = logits.float().softmax(-1)[..., 0].argmax(1)  # (B,)
+        best = logits.softmax(-1, dtype=torch.float32)[..., 0].argmax(1)  # (B,) the cast inside the op
         span = torch.gather(spans.float(), 1, best[:, None, None].expand(b, 1, 2))[:, 0]  # (B, 2)
         t = lengths.to(torch.float32)[:, None]  # (B, 1)
-        xx = span @ self.cxw_to_xx.float()  # (B, 2): [c - w/2, c + w/2], exact
+        xx = span @ self.cxw_to_xx  # (B, 2): [c - w/2, c + w/2], exact
         xx = xx * t if self.clip_is_pow2 else xx * (t * self.clip_length) / self.clip_length
         idx = torch.floor(xx).long() + self.start_stop  # [start, end + 1]
         n = lengths.long()[:, None]
