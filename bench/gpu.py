@@ -219,7 +219,12 @@ class Run:
         key = "profile_compiled" if compiled else "profile"
         handles, stack = [], []
         if compiled:
-            eng = self.state[f"compiled_{dtype}_1"][0]  # KeyError: the compiled stage did not run
+            if f"compiled_{dtype}_1" not in self.state:  # that stage was skipped (budget, --only) or failed
+                self.res["skipped"].append(f"profile_compiled_b1_{dtype} (no compiled engine: compiled_b1_{dtype} "
+                                           "did not run)")
+                print(f"  {self.res['skipped'][-1]}", flush=True)
+                return
+            eng = self.state[f"compiled_{dtype}_1"][0]
         else:
             eng = self.engine(dt_, cuda_graphs=False)
             model = eng.model
@@ -430,7 +435,7 @@ class Run:
                 lines.append(f"\nCompile time {key}: " + ", ".join(f"{k} {r[k]} s" for k in
                                                                    ("compile_s", "compile_graph_s", "aoti_build_s") if k in r))
         if res["skipped"]:
-            lines += ["", "Skipped (budget): " + "; ".join(res["skipped"])]
+            lines += ["", "Skipped: " + "; ".join(res["skipped"])]
         if res["warnings"]:
             lines += ["", "Warnings:", ""] + [f"    {w}" for w in res["warnings"]]
         save(res, lines, self.args.out, "gpu", quiet)
