@@ -42,7 +42,7 @@ _state = {"enabled": os.environ.get("LDDETR_ONEDNN", "1") not in ("0", ""), "che
 
 
 _is_compiling = torch.compiler.is_compiling
-_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)  # torch < 2.7 has none
+_is_exporting = torch.compiler.is_exporting
 
 
 def is_tracing() -> bool:
@@ -163,7 +163,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
            prelu: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)``, then ReLU (``relu``) or PReLU (``prelu``: its weight): x (..., K), w (N, K) ->
     (..., N). A one-parameter PReLU is oneDNN's ``leaky_relu`` epilogue (the same values: x if x > 0 else a x)."""
-    p = _packed_for(x, w, False, _reorder)
+    p = packed_for(x, w)
     if p is not None:
         if prelu is not None and prelu.numel() == 1:  # its value read once (derived: no .item() per call)
             alpha = derived(prelu, ("prelu_alpha",), lambda t: t.item())
@@ -178,7 +178,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None, relu: bool = False,
 
 def addmm_t(bias: Tensor, x: Tensor, wt: Tensor, relu: bool = False) -> Tensor:
     """``addmm(bias, x, wt)`` (then ReLU) for a weight stored transposed: x (M, K), wt (K, N) -> (M, N)."""
-    p = _packed_for(x, wt, True, _reorder_t)
+    p = packed_for(x, wt, transposed=True)
     if p is not None:
         return torch.ops.mkldnn._linear_pointwise(x, p, bias, "relu" if relu else "none", [], "")
     y = torch.addmm(bias, x, wt)
@@ -189,7 +189,7 @@ def linear_add(other: Tensor, x: Tensor, w: Tensor, transposed: bool = False, bi
     """``other + x @ w^T (+ bias)`` (``transposed``: w is stored as W^T) as one GEMM: prepacked with the add in
     its epilogue, or one ``addmm`` (+ the bias). x (..., K), other (..., N) of the output's shape (any strides),
     bias (N,) -> (..., N)."""
-    p = _packed_for(x, w, transposed, _reorder_t if transposed else _reorder)
+    p = packed_for(x, w, transposed)
     if p is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, p, bias, "add")
     k, n = x.shape[-1], other.shape[-1]
