@@ -29,6 +29,9 @@ def cases(draw):
                 num_convolutional_blocks=draw(st.integers(0, 5)), num_v2t_encoder_layers=draw(st.integers(0, 2)),
                 num_encoder1_layers=draw(st.integers(0, 2)), num_encoder2_layers=draw(st.integers(0, 2)),
                 use_txt_pos=draw(st.booleans()))
+    if draw(st.booleans()):  # off the presets' widths too: heads 1..32 (head dims 256..8), FFN, queries
+        over.update(nheads=draw(st.sampled_from([1, 2, 4, 16, 32])), dim_feedforward=draw(st.sampled_from([16, 200])),
+                    num_queries=draw(st.sampled_from([1, 3, 7, 16])))
     cfg = LDDETRConfig.preset(preset, **over)
     cap = cfg.max_video_len or 200
     b = draw(st.sampled_from([1, 3, 8]))
